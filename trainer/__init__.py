@@ -1,0 +1,1 @@
+"""HSAE Forest trainer: language model loading, activations, HSAE models, training, evaluation, indexing."""
