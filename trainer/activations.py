@@ -104,13 +104,20 @@ def tokenize_corpus(spec: str, tokenizer, context_len: int, max_tokens: int | No
         batch.clear()
         return True
 
+    batch_chars = 0
     with tqdm(desc="tokenizing", unit=" docs", leave=False) as bar:
         for doc in iter_documents(spec):
             batch.append(doc)
+            batch_chars += len(doc.text)
             bar.update()
-            if len(batch) == 64 and not flush():
-                exhausted = False
-                break
+            # Batches are sized by text volume and by what is still needed (about 4 characters a token), so a
+            # small --tokens does not tokenize whole books.
+            wanted = None if max_tokens is None else 6 * (max_tokens - total) + 1_000
+            if batch_chars >= min(2_000_000, wanted or 2_000_000):
+                batch_chars = 0
+                if not flush():
+                    exhausted = False
+                    break
         else:
             if batch and not flush():
                 exhausted = False
