@@ -1,0 +1,204 @@
+"""What the CLI commands do, end to end: open data, build or load a model, call the library, write results.
+
+Kept apart from cli.py so that the demo and the tests call the same code as a user's command line.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from trainer import checkpoint
+from trainer.activations import PAD
+from trainer.config import ArchConfig, RunConfig, TrainConfig
+from trainer.errors import HSAEError
+from trainer.evaluate import ce_loss_recovered, evaluate, format_metrics
+from trainer.lm import LanguageModel, resolve_device
+from trainer.models.registry import build_model
+from trainer.settings import get_settings
+from trainer.sources import DataSpec, OpenedData, open_data
+from trainer.train import train
+
+EVAL_TOKENS = 20_000
+CE_CONTEXTS = 16
+
+
+def default_run_dir(arch: str) -> Path:
+    return get_settings().subdir("runs") / f"{arch}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def run_training(data: DataSpec, run_cfg: RunConfig, out: Path | None, resume: bool = False) -> Path:
+    run_dir = Path(out) if out is not None else default_run_dir(run_cfg.arch.arch)
+    if resume and not checkpoint.is_checkpoint(run_dir):
+        raise HSAEError(f"nothing to resume: {run_dir} holds no checkpoint")
+    if resume:
+        saved = checkpoint.read_cfg(run_dir)
+        if saved["arch"] != run_cfg.arch.arch:
+            raise HSAEError(f"{run_dir} holds a {saved['arch']!r} run; resume it with --arch {saved['arch']}")
+        data = replace(data, **_data_overrides_from(saved))
+    opened = open_data(data)
+    run_cfg.arch.validate_for(opened.source.d_in)
+    model = build_model(run_cfg.arch, opened.source.d_in, seed=run_cfg.train.seed)
+    train(model, opened.source, run_cfg.train, run_dir, model_info=opened.model_info,
+          data_info=opened.data_info, resume=resume)
+    return run_dir
+
+
+def _data_overrides_from(cfg: dict[str, Any]) -> dict[str, Any]:
+    """A resumed run reads the data it started with, whatever the flags say."""
+    data = cfg.get("data") or {}
+    model = cfg.get("model") or {}
+    if "activations" in data:
+        return {"activations": data["activations"], "corpus": None, "tokens": int(data["rows"])}
+    if "corpus" in data:
+        return {"corpus": data["corpus"]["spec"], "activations": None, "tokens": int(data["tokens"]),
+                "model": model["name"], "layer": int(model["layer"]), "context_len": int(data["context_len"])}
+    return {}
+
+
+def _eval_data(run_dir: Path, cfg: dict[str, Any], corpus: str | None, activations: str | None,
+               tokens: int, device: str) -> tuple[OpenedData, int]:
+    """The evaluation data and the first row to use: held-out rows after the training ones when evaluating on
+    the training corpus, so that a run is never scored on what it was fitted to."""
+    model = cfg.get("model") or {}
+    trained_on = cfg.get("data") or {}
+    if activations is None and corpus is None:
+        if "activations" in trained_on:
+            activations = trained_on["activations"]
+        elif "corpus" in trained_on:
+            corpus = trained_on["corpus"]["spec"]
+        else:
+            corpus = "demo"
+    if activations is None and not model.get("name"):
+        raise HSAEError(f"{run_dir} was trained without a language model: evaluate it with --activations FILE")
+    skip = 0
+    same_corpus = activations is None and "corpus" in trained_on and corpus == trained_on["corpus"]["spec"]
+    if same_corpus:
+        skip = int(trained_on.get("tokens", 0))
+    spec = DataSpec(
+        model=model.get("name") or DataSpec.model, layer=model.get("layer") or 0, corpus=corpus,
+        activations=activations, tokens=skip + tokens, device=device,
+        context_len=int(trained_on.get("context_len", DataSpec.context_len)),
+    )
+    opened = open_data(spec)
+    if opened.source.num_rows - skip < min(tokens, 1_000):
+        skip = 0  # the corpus has nothing held out: evaluate on its start, and say so in the metrics
+    return opened, skip
+
+
+def corpus_ce_loss(lm: LanguageModel, tokens_CT: np.ndarray):
+    """ce_loss(replace_fn) over fixed contexts; the replacement applies to text positions only (never to the
+    BOS at position 0, which no HSAE is trained on), and so does the zero ablation it is compared with."""
+    present = tokens_CT != PAD
+    ids = torch.from_numpy(np.where(present, tokens_CT, 0).astype(np.int64))
+    mask = torch.from_numpy(present.astype(np.int64))
+
+    def ce_loss(replace_fn):
+        if replace_fn is None:
+            return lm.ce_loss(ids, None, mask)
+        return lm.ce_loss(ids, lambda h: torch.cat([h[:, :1], replace_fn(h[:, 1:])], dim=1), mask)
+
+    return ce_loss
+
+
+def run_eval(run_dir: Path, corpus: str | None, activations: str | None, tokens: int, device: str,
+             baseline: Path | None) -> tuple[dict[str, Any], str]:
+    model, cfg = checkpoint.load_checkpoint(run_dir, device=_device(device))
+    opened, skip = _eval_data(run_dir, cfg, corpus, activations, tokens, device)
+    if opened.source.d_in != model.d_in:
+        raise HSAEError(f"the evaluation activations have width {opened.source.d_in}, the run expects {model.d_in}")
+    n = min(tokens, opened.source.num_rows - skip)
+    batches = (torch.from_numpy(_rows(opened, lo, min(lo + 4096, skip + n))) for lo in range(skip, skip + n, 4096))
+    metrics = evaluate(model, batches)
+    edge_stats = metrics.pop("edge_stats")
+    metrics["data"] = {**opened.data_info, "eval_rows": [skip, skip + n], "held_out": skip > 0}
+    if opened.lm is not None and opened.cache is not None:
+        contexts = opened.cache.contexts(None).token_ids_CT
+        first = int(opened.source.read_meta(skip, skip + 1)[0, 0]) if skip else 0
+        chosen = contexts[first : first + CE_CONTEXTS]
+        metrics["ce"] = ce_loss_recovered(corpus_ce_loss(opened.lm, chosen), model)
+    checkpoint.write_hierarchy(run_dir, model, edge_stats)
+    checkpoint.write_metrics(run_dir, metrics)
+    base = None
+    if baseline is not None:
+        base_path = Path(baseline) / checkpoint.METRICS_FILE
+        if not base_path.is_file():
+            raise HSAEError(f"baseline {baseline} has no {checkpoint.METRICS_FILE}: run `hsae eval {baseline}` first")
+        base = json.loads(base_path.read_text())
+    table = format_metrics(metrics, base, names=(Path(run_dir).name[:11], Path(baseline).name[:11] if baseline else ""))
+    return metrics, table
+
+
+def _rows(opened: OpenedData, start: int, stop: int) -> np.ndarray:
+    source = opened.source
+    if hasattr(source, "read"):
+        return source.read(start, stop)
+    return np.asarray(source.rows_ND[start:stop], dtype=np.float32)
+
+
+def _device(device: str) -> torch.device:
+    return resolve_device(device)
+
+
+def run_encode(run_dir: Path, corpus: str | None, activations: str | None, tokens: int, device: str,
+               out: Path) -> dict[str, Any]:
+    """Contract 1: per level i, level_{i}_indices (int64, -1 = unused slot) and level_{i}_values, [N, K_i];
+    from a corpus also token_ids [N] and context_position [N, 2] so rows can be traced back to text."""
+    from safetensors.torch import save_file
+
+    if (corpus is None) == (activations is None):
+        raise HSAEError("give exactly one of --activations FILE or --corpus SPEC")
+    if out.suffix != ".safetensors":
+        raise HSAEError(f"--out must end in .safetensors, got {out.name}")
+    model, cfg = checkpoint.load_checkpoint(run_dir, device=_device(device))
+    model_info = cfg.get("model") or {}
+    if corpus is not None and not model_info.get("name"):
+        raise HSAEError(f"{run_dir} was trained without a language model: encode it with --activations FILE")
+    spec = DataSpec(model=model_info.get("name") or DataSpec.model, layer=model_info.get("layer") or 0,
+                    corpus=corpus, activations=activations, tokens=tokens, device=device)
+    opened = open_data(spec)
+    if opened.source.d_in != model.d_in:
+        raise HSAEError(f"the activations have width {opened.source.d_in}, the run expects {model.d_in}")
+    n = opened.source.num_rows
+    parts: list[list[torch.Tensor]] = [[] for _ in range(2 * len(model.level_widths))]
+    with torch.no_grad():
+        for lo in range(0, n, 4096):
+            x = torch.from_numpy(_rows(opened, lo, min(lo + 4096, n))).to(next(model.parameters()).device)
+            for i, code in enumerate(model.encode(x)):
+                parts[2 * i].append(code.indices.cpu())
+                parts[2 * i + 1].append(code.values.float().cpu())
+    tensors = {}
+    for i in range(len(model.level_widths)):
+        tensors[f"level_{i}_indices"] = torch.cat(parts[2 * i]).to(torch.int64).contiguous()
+        tensors[f"level_{i}_values"] = torch.cat(parts[2 * i + 1]).contiguous()
+    if opened.cache is not None:
+        meta = opened.source.read_meta(0, n).astype(np.int64)
+        contexts = opened.cache.contexts(None).token_ids_CT
+        tensors["context_position"] = torch.from_numpy(meta)
+        tensors["token_ids"] = torch.from_numpy(contexts[meta[:, 0], meta[:, 1]].astype(np.int64))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(out.name + ".partial")
+    save_file(tensors, str(partial), metadata={"run": str(run_dir), "arch": model.arch})
+    partial.replace(out)
+    return {"rows": n, "levels": len(model.level_widths)}
+
+
+def build_run_config(config_file: Path | None, arch: str | None, sizes: dict[str, Any],
+                     train_opts: dict[str, Any]) -> RunConfig:
+    """Defaults < config file < flags given on the command line (None = not given)."""
+    base = RunConfig.load(config_file) if config_file is not None else RunConfig()
+    arch_fields = {k: v for k, v in base.arch.to_dict().items()}
+    if arch is not None and arch != arch_fields.get("arch"):
+        # A different architecture starts from its own defaults, not the file's sizes for another one.
+        arch_fields = {"arch": arch}
+    arch_fields.update({k: v for k, v in sizes.items() if v is not None})
+    train_fields = base.train.to_dict()
+    train_fields.update({k: v for k, v in train_opts.items() if v is not None})
+    return RunConfig(ArchConfig.from_dict(arch_fields), TrainConfig.from_dict(train_fields))
+
