@@ -111,6 +111,25 @@ def encode_cmd(
     print(f"wrote {info['rows']} rows x {info['levels']} levels to {out}")
 
 
+@app.command("index")
+def index_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="A checkpoint directory.")],
+    corpus: Corpus = None,
+    tokens: Annotated[int, typer.Option(help="Tokens of the corpus to index (rounded up to whole contexts).")] = 100_000,
+    db: DbUrl = None,
+    name: Annotated[str | None, typer.Option(help="Run name in the database [default: the run directory's name].")] = None,
+    replace: Annotated[bool, typer.Option(help="Swap out an existing run of that name atomically.")] = False,
+    device: Device = "auto",
+) -> None:
+    """Index a checkpoint: top contexts, histograms, output tokens, edge statistics, into the database."""
+    from trainer.index.pipeline import index_checkpoint
+    from trainer.settings import get_settings
+
+    summary = index_checkpoint(run_dir, db_url=_db_url(db), default_db_url=get_settings().resolved_database_url,
+                               corpus=corpus, tokens=tokens, name=name, replace=replace, device=device)
+    print(f"indexed run {summary.name!r}: {summary.tokens:,} tokens in {summary.contexts:,} contexts")
+
+
 @db_app.command("upgrade")
 def db_upgrade_cmd(db: DbUrl = None) -> None:
     """Create or migrate the schema to the latest revision."""

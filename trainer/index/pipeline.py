@@ -1,0 +1,171 @@
+"""`hsae index`: stream a corpus through the language model and a checkpoint, accumulate per-feature statistics
+in bounded memory, and publish the run to the database in one atomic step.
+
+Activations come from the shard cache when it already holds them (same model, layer, corpus, context length),
+so indexing right after training on the same corpus runs no language model forward at all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from backend.db.session import db_upgrade, open_database
+from trainer import checkpoint
+from trainer.activations import DEFAULT_CONTEXT_LEN, ActivationCache
+from trainer.errors import HSAEError
+from trainer.index.accumulate import IndexAccumulator, IndexConfig
+from trainer.index.contexts import ContextStore
+from trainer.index.directions import decoder_cosines, top_output_tokens
+from trainer.index.writer import RunInfo, write_run
+from trainer.lm import LanguageModel, load_language_model, resolve_device
+
+ENCODE_ROWS = 4096
+RETAIN_EVERY = 8  # chunks between prunes of the context store
+
+
+@dataclass
+class IndexSummary:
+    run_id: int
+    name: str
+    tokens: int
+    contexts: int
+
+
+def checkpoint_digest(run_dir: Path) -> str:
+    h = hashlib.sha256()
+    with (run_dir / checkpoint.WEIGHTS_FILE).open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _prepare_database(url: str, default_url: str) -> None:
+    """The embedded default database is created on first use; any other must already be at our schema."""
+    if url == default_url:
+        db_upgrade(url)
+    open_database(url).dispose()
+
+
+def _unembedding(lm: LanguageModel) -> torch.Tensor:
+    """W_U with the final norm's gain folded in, so a direction's logits are what the model would emit."""
+    unembed_VD = lm.unembedding()
+    norm = getattr(getattr(lm.model, "model", lm.model), "norm", None)
+    weight = getattr(norm, "weight", None)
+    if weight is not None and weight.shape[-1] == unembed_VD.shape[-1]:
+        unembed_VD = unembed_VD * weight.detach().float()[None, :]
+    return unembed_VD
+
+
+def index_checkpoint(
+    run_dir: Path,
+    *,
+    db_url: str,
+    default_db_url: str,
+    corpus: str | None = None,
+    tokens: int = 100_000,
+    name: str | None = None,
+    replace: bool = False,
+    device: str = "auto",
+    config: IndexConfig | None = None,
+) -> IndexSummary:
+    run_dir = Path(run_dir).resolve()
+    model, cfg = checkpoint.load_checkpoint(run_dir, device=resolve_device(device))
+    model_info = cfg.get("model") or {}
+    if not model_info.get("name"):
+        raise HSAEError(f"{run_dir} was trained without a language model; indexing needs one to show contexts")
+    if tokens < 1:
+        raise HSAEError(f"--tokens must be positive, got {tokens}")
+    name = name or run_dir.name
+    if not name.strip() or len(name) > 200:
+        raise HSAEError(f"run name must be 1 to 200 characters, got {name!r}")
+    _prepare_database(db_url, default_db_url)
+
+    trained_on = cfg.get("data") or {}
+    corpus = corpus or (trained_on.get("corpus") or {}).get("spec") or "demo"
+    context_len = int(trained_on.get("context_len", DEFAULT_CONTEXT_LEN))
+    lm = load_language_model(model_info["name"], int(model_info["layer"]), device)
+    if lm.d_model != model.d_in:
+        raise HSAEError(f"{model_info['name']} has width {lm.d_model}, the checkpoint expects {model.d_in}")
+    cache = ActivationCache(lm, corpus, context_len)
+    source = cache.ensure(tokens)
+    contexts = cache.contexts(None)
+    doc_ids = np.asarray(contexts.doc_ids, dtype=object)
+
+    acc = IndexAccumulator(model.level_widths, model.edges(), config or IndexConfig())
+    store = ContextStore(lm.tokenizer.convert_ids_to_tokens)
+    dev = next(model.parameters()).device
+    # Whole contexts only: the accumulator needs every token of a context in one chunk, and a shard holds
+    # whole contexts. The token budget is rounded up to the end of the context it falls in.
+    end_ctx = int(source.read_meta(source.num_rows - 1, source.num_rows)[0, 0])
+    n_rows, n_contexts = 0, 0
+    with tqdm(total=source.num_rows, desc="indexing", unit="tok", unit_scale=True) as bar:
+        for chunk_no, (acts, meta) in enumerate(zip(source.acts, source.rows, strict=True)):
+            keep = np.asarray(meta[:, 0]) <= end_ctx
+            if not keep.any():
+                break
+            acts_ND, meta_N2 = np.asarray(acts[keep], dtype=np.float32), np.asarray(meta[keep])
+            codes = _encode(model, acts_ND, dev)
+            acc.add(codes, meta_N2[:, 0], meta_N2[:, 1])
+            ctx_ids = np.unique(meta_N2[:, 0])
+            store.add(ctx_ids, contexts.token_ids_CT[ctx_ids], doc_ids[contexts.docs_C2[ctx_ids, 0]].tolist(),
+                      contexts.docs_C2[ctx_ids, 1])
+            if (chunk_no + 1) % RETAIN_EVERY == 0:
+                store.retain(acc.kept_context_ids())
+            n_rows += len(acts_ND)
+            n_contexts += len(ctx_ids)
+            bar.update(len(acts_ND))
+    result = acc.result()
+    store.retain(result.context_ids())
+
+    decoders = [model.decoder_directions(level).float().cpu() for level in range(len(model.level_widths))]
+    unembed_VD = _unembedding(lm).cpu()
+    decode = lambda i: lm.tokenizer.convert_ids_to_tokens(int(i))  # noqa: E731
+    output_tokens = [top_output_tokens(d, unembed_VD, decode) for d in decoders]
+    edges = result.edges()
+    cosines = decoder_cosines(decoders, edges.parent_level, edges.parent_idx, edges.child_level, edges.child_idx)
+    metrics_path = run_dir / checkpoint.METRICS_FILE
+    info = RunInfo(
+        name=name,
+        model_name=model_info["name"],
+        layer=int(model_info["layer"]),
+        hook=model_info.get("hook") or lm.hook_name,
+        arch=cfg["arch"],
+        checkpoint_digest=checkpoint_digest(run_dir),
+        config=cfg,
+        corpus={**cache.info["corpus"], "context_len": context_len, "tokens": n_rows, "contexts": n_contexts},
+        metrics=_read_json(metrics_path),
+        checkpoint_path=str(run_dir),
+    )
+    with tqdm(desc="writing", unit=" rows", unit_scale=True) as bar:
+        def progress(stage: str, done: int, total: int) -> None:
+            bar.set_description(f"writing {stage}")
+            bar.total = total
+            bar.n = done
+            bar.refresh()
+
+        run_id = write_run(db_url, result, info, store, output_tokens=output_tokens, edge_cosines=cosines,
+                           replace=replace, progress=progress)
+    return IndexSummary(run_id=run_id, name=name, tokens=n_rows, contexts=n_contexts)
+
+
+@torch.no_grad()
+def _encode(model, acts_ND: np.ndarray, device: torch.device) -> list[tuple[np.ndarray, np.ndarray]]:
+    per_level: list[tuple[list, list]] = [([], []) for _ in model.level_widths]
+    for lo in range(0, len(acts_ND), ENCODE_ROWS):
+        x = torch.from_numpy(acts_ND[lo : lo + ENCODE_ROWS]).to(device)
+        for level, code in enumerate(model.encode(x)):
+            per_level[level][0].append(code.indices.cpu().numpy())
+            per_level[level][1].append(code.values.float().cpu().numpy())
+    return [(np.concatenate(i), np.concatenate(v)) for i, v in per_level]
+
+
+def _read_json(path: Path):
+    import json
+
+    return json.loads(path.read_text()) if path.is_file() else None
