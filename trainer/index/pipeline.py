@@ -76,6 +76,7 @@ def index_checkpoint(
 ) -> IndexSummary:
     run_dir = Path(run_dir).resolve()
     model, cfg = checkpoint.load_checkpoint(run_dir, device=resolve_device(device))
+    _prepare_database(db_url, default_db_url)
     model_info = cfg.get("model") or {}
     if not model_info.get("name"):
         raise HSAEError(f"{run_dir} was trained without a language model; indexing needs one to show contexts")
@@ -84,7 +85,6 @@ def index_checkpoint(
     name = name or run_dir.name
     if not name.strip() or len(name) > 200:
         raise HSAEError(f"run name must be 1 to 200 characters, got {name!r}")
-    _prepare_database(db_url, default_db_url)
 
     trained_on = cfg.get("data") or {}
     corpus = corpus or (trained_on.get("corpus") or {}).get("spec") or "demo"

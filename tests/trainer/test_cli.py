@@ -1,0 +1,129 @@
+"""The `hsae` command line as a user runs it: a subprocess, its exit status, its last lines."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+HSAE = [sys.executable, "-m", "trainer.cli"]
+
+
+def hsae(*args, env_extra=None, timeout=600):
+    env = {**os.environ, **(env_extra or {})}
+    return subprocess.run([*HSAE, *map(str, args)], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def assert_one_line_error(proc, pattern):
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.strip().splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    import re
+
+    assert re.search(pattern, lines[0]), lines[0]
+
+
+@pytest.fixture()
+def acts_file(tmp_path):
+    rows = np.random.default_rng(0).standard_normal((2048, 32)).astype(np.float32)
+    path = tmp_path / "acts.npy"
+    np.save(path, rows)
+    return path
+
+
+def test_train_eval_encode_on_an_activations_file(tmp_path, acts_file):
+    out = tmp_path / "run"
+    proc = hsae("train", "--arch", "topk", "--activations", acts_file, "--width", 64, "--k", 4, "--steps", 20,
+                "--batch", 128, "--out", out, "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == str(out)
+    cfg = json.loads((out / "cfg.json").read_text())
+    assert cfg["format"] == "hsae-checkpoint" and cfg["arch"] == "topk" and cfg["d_in"] == 32
+
+    proc = hsae("eval", out, "--activations", acts_file, "--tokens", 1000, "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["tokens"] == 1000 and metrics["levels"][0]["l0"] == pytest.approx(4.0)
+    assert "explained variance" in proc.stdout
+
+    codes = tmp_path / "codes.safetensors"
+    proc = hsae("encode", out, "--activations", acts_file, "--out", codes, "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    tensors = load_file(codes)
+    assert tensors["level_0_indices"].shape == (2048, 4) and tensors["level_0_values"].shape == (2048, 4)
+    assert tensors["level_0_indices"].dtype == np.int64 and tensors["level_0_indices"].max() < 64
+
+
+@pytest.mark.parametrize(
+    "args, pattern",
+    [
+        (["--model", "/nonexistent/model"], r"cannot load model '/nonexistent/model'"),
+        (["--layer", "99"], r"layer 99 is out of range .* 0\.\.29"),
+        (["--corpus", "{empty}"], r"holds no \.txt or \.jsonl files"),
+        (["--corpus", "{blank}"], r"yields no tokens"),
+        (["--corpus", "{notext}"], r"docs\.jsonl:2: no string field 'text'"),
+        (["--corpus", "{missing}"], r"does not exist"),
+        (["--activations", "{rank3}"], r"2-D \[N, d\] matrix"),
+        (["--activations", "{nan}"], r"NaN or inf"),
+        (["--activations", "{acts}", "--arch", "topk", "--width", "8", "--k", "16"], r"k .*16.* width .*8|width"),
+        (["--activations", "{acts}", "--arch", "moe", "--width", "8", "--k", "2", "--subspace", "64"], r"subspace"),
+        (["--activations", "{acts}", "--arch", "moe", "--width", "8", "--k", "2", "--children", "0"], r"children"),
+        (["--activations", "{acts}", "--arch", "tree", "--levels", "64,32"], r"increasing"),
+        (["--activations", "{acts}", "--arch", "tree", "--levels", "a,b"], r"comma-separated integers"),
+    ],
+)
+def test_bad_input_is_one_line_and_overwrites_nothing(tmp_path, acts_file, args, pattern):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "blank").mkdir()
+    (tmp_path / "blank" / "a.txt").write_text("  \n")
+    (tmp_path / "docs.jsonl").write_text('{"text": "fine"}\n{"body": "no text"}\n')
+    np.save(tmp_path / "rank3.npy", np.zeros((4, 4, 4), np.float32))
+    np.save(tmp_path / "nan.npy", np.array([[0.0, np.nan]], np.float32))
+    paths = {"empty": tmp_path / "empty", "blank": tmp_path / "blank", "notext": tmp_path / "docs.jsonl",
+             "missing": tmp_path / "missing.txt", "rank3": tmp_path / "rank3.npy", "nan": tmp_path / "nan.npy",
+             "acts": acts_file}
+    out = tmp_path / "existing-run"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    before = sorted(p.name for p in out.iterdir())
+    proc = hsae("train", *[a.format(**paths) for a in args], "--tokens", 2000, "--steps", 2, "--batch", 64,
+                "--device", "cpu", "--out", out, env_extra={"HF_HUB_OFFLINE": "1"})
+    assert_one_line_error(proc, pattern)
+    assert sorted(p.name for p in out.iterdir()) == before
+    assert (out / "keep.txt").read_text() == "precious"
+
+
+def test_damaged_and_foreign_checkpoints(tmp_path, acts_file):
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "cfg.json").write_text(json.dumps({"d_sae": 16, "d_in": 8}))
+    assert_one_line_error(hsae("eval", foreign, "--activations", acts_file), r"not an HSAE checkpoint")
+    assert_one_line_error(hsae("eval", tmp_path / "nowhere", "--activations", acts_file), r"does not exist")
+    assert_one_line_error(hsae("index", foreign, "--tokens", 100), r"not an HSAE checkpoint")
+
+
+def test_index_refuses_an_unreachable_database(tmp_path, acts_file):
+    out = tmp_path / "run"
+    assert hsae("train", "--arch", "topk", "--activations", acts_file, "--width", 16, "--k", 2, "--steps", 2,
+                "--batch", 64, "--out", out, "--device", "cpu").returncode == 0
+    proc = hsae("index", out, "--db", "postgresql://nobody@127.0.0.1:1/nothing")
+    assert_one_line_error(proc, r"cannot connect to postgresql")
+    old = tmp_path / "old.db"
+    url = f"sqlite:///{old}"
+    from backend.db.session import downgrade, upgrade
+
+    upgrade(url)
+    downgrade(url, "0001")
+    before = old.read_bytes()
+    proc = hsae("index", out, "--db", url)
+    assert_one_line_error(proc, r"database at revision 0001, code expects \w+: run `hsae db upgrade")
+    assert old.read_bytes() == before
+    fresh = f"sqlite:///{tmp_path / 'fresh.db'}"
+    assert_one_line_error(hsae("index", out, "--db", fresh), r"revision <none> \(empty database\)")
+    assert hsae("db", "upgrade", "--db", fresh).returncode == 0
+    assert_one_line_error(hsae("index", out, "--db", fresh), r"trained without a language model")
