@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from backend.db.session import db_upgrade, open_database
 from trainer import checkpoint
-from trainer.activations import DEFAULT_CONTEXT_LEN, ActivationCache
+from trainer.activations import DEFAULT_CONTEXT_LEN, PAD, ActivationCache
 from trainer.errors import HSAEError
 from trainer.index.accumulate import IndexAccumulator, IndexConfig
 from trainer.index.contexts import ContextStore
@@ -43,6 +43,12 @@ def checkpoint_digest(run_dir: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def token_display_table(tokenizer) -> list[str]:
+    """Each vocabulary id as the text it stands for (" the", not "Ġthe"), built once per index run: decoding
+    ids one by one for every stored context would cost millions of calls."""
+    return [tokenizer.decode([i]) for i in range(len(tokenizer))]
 
 
 def _prepare_database(url: str, default_url: str) -> None:
@@ -98,7 +104,8 @@ def index_checkpoint(
     doc_ids = np.asarray(contexts.doc_ids, dtype=object)
 
     acc = IndexAccumulator(model.level_widths, model.edges(), config or IndexConfig())
-    store = ContextStore(lm.tokenizer.convert_ids_to_tokens)
+    display = token_display_table(lm.tokenizer)
+    store = ContextStore(lambda ids: [display[i] for i in ids if i != PAD])
     dev = next(model.parameters()).device
     # Whole contexts only: the accumulator needs every token of a context in one chunk, and a shard holds
     # whole contexts. The token budget is rounded up to the end of the context it falls in.
@@ -125,8 +132,7 @@ def index_checkpoint(
 
     decoders = [model.decoder_directions(level).float().cpu() for level in range(len(model.level_widths))]
     unembed_VD = _unembedding(lm).cpu()
-    decode = lambda i: lm.tokenizer.convert_ids_to_tokens(int(i))  # noqa: E731
-    output_tokens = [top_output_tokens(d, unembed_VD, decode) for d in decoders]
+    output_tokens = [top_output_tokens(d, unembed_VD, lambda i: display[int(i)]) for d in decoders]
     edges = result.edges()
     cosines = decoder_cosines(decoders, edges.parent_level, edges.parent_idx, edges.child_level, edges.child_idx)
     metrics_path = run_dir / checkpoint.METRICS_FILE

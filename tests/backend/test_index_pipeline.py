@@ -1,0 +1,150 @@
+"""`hsae index` end to end on the real SmolLM2: what lands in the database equals a brute-force computation
+over the same activations, an interruption leaves nothing visible, and --replace swaps cleanly."""
+
+import uuid
+
+import numpy as np
+import pytest
+import torch
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from backend.db.models import Example, Feature, FeatureEdge, Run, visible_runs
+from backend.db.session import make_engine
+from trainer import checkpoint
+from trainer.activations import ActivationCache
+from trainer.config import ArchConfig, RunConfig, TrainConfig
+from trainer.index import pipeline
+from trainer.index.accumulate import IndexConfig
+from trainer.index.writer import RunExistsError
+from trainer.lm import load_language_model
+from trainer.sources import DataSpec
+from trainer.workflows import run_training
+
+TOP_K = 4
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("index-corpus")
+    texts = {
+        "animals.txt": "The cat chased the mouse. The dog barked at the cat. Birds sing in the morning. " * 5,
+        "cities.txt": "Paris, London and Berlin are capitals. Rome is old. Tokyo is large and busy. " * 5,
+        "numbers.txt": "One, two, three, four, five. Seven plus eight is fifteen. Ten times ten. " * 5,
+    }
+    for name, text in texts.items():
+        (folder / name).write_text(text)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def trained_run(corpus, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("runs") / "moe-small"
+    cfg = RunConfig(ArchConfig(arch="moe", width=16, k=4, children=4, subspace=4),
+                    TrainConfig(batch_size=64, steps=30, seed=0, device="cpu", progress=False, checkpoint_every=0))
+    run_training(DataSpec(layer=6, corpus=corpus, tokens=100_000, context_len=32, device="cpu"), cfg, run_dir)
+    return run_dir
+
+
+def _index(run_dir, db_url, corpus, name, **kw):
+    return pipeline.index_checkpoint(run_dir, db_url=db_url, default_db_url="sqlite:///unused.db", corpus=corpus,
+                                     tokens=100_000, name=name, device="cpu", config=IndexConfig(top_k=TOP_K), **kw)
+
+
+def _brute_force(run_dir, corpus):
+    model, _ = checkpoint.load_checkpoint(run_dir)
+    lm = load_language_model(layer=6, device="cpu")
+    source = ActivationCache(lm, corpus, 32).ensure(None)
+    acts, meta = source.read(0, source.num_rows), source.read_meta(0, source.num_rows)
+    with torch.no_grad():
+        codes = model.encode(torch.from_numpy(acts))
+    dense = []
+    for level, width in enumerate(model.level_widths):
+        d = np.zeros((len(acts), width), np.float32)
+        idx, val = codes[level].indices.numpy(), codes[level].values.numpy()
+        rows, slots = np.nonzero((idx >= 0) & (val > 0))
+        d[rows, idx[rows, slots]] = val[rows, slots]
+        dense.append(d)
+    return model, dense, meta
+
+
+def test_index_matches_brute_force(db_url, trained_run, corpus):
+    name = f"pipe-{uuid.uuid4().hex[:8]}"
+    summary = _index(trained_run, db_url, corpus, name)
+    model, dense, meta = _brute_force(trained_run, corpus)
+    assert summary.tokens == len(meta)
+    engine = make_engine(db_url)
+    with Session(engine) as conn:
+        run = conn.execute(visible_runs().where(Run.name == name)).scalar_one()
+        assert run.checkpoint_path == str(trained_run.resolve()) and run.n_tokens == len(meta)
+        features = {(f.level, f.idx): f for f in conn.execute(select(Feature).where(Feature.run_id == run.id)).scalars()}
+        assert len(features) == sum(model.level_widths)
+        for level, d in enumerate(dense):
+            active = d > 0
+            for i in range(d.shape[1]):
+                f = features[(level, i)]
+                assert f.fire_count == int(active[:, i].sum())
+                assert f.density == pytest.approx(active[:, i].mean())
+                assert f.max_act == pytest.approx(float(d[:, i].max()), rel=1e-5)
+                if f.fire_count:
+                    assert f.mean_act == pytest.approx(float(d[active[:, i], i].mean()), rel=1e-4)
+                assert len(f.top_positive) == 10 and len(f.top_negative) == 10
+            # Top contexts: per context, the feature's max; the k best, strongest first.
+            for i in range(d.shape[1]):
+                per_ctx: dict[int, float] = {}
+                for row in np.flatnonzero(active[:, i]):
+                    c = int(meta[row, 0])
+                    per_ctx[c] = max(per_ctx.get(c, 0.0), float(d[row, i]))
+                expected = sorted(per_ctx.values(), reverse=True)[:TOP_K]
+                got = conn.execute(
+                    select(Example.max_value, Example.context_id, Example.max_position, Example.token_values)
+                    .where(Example.run_id == run.id, Example.level == level, Example.idx == i, Example.kind == "top")
+                    .order_by(Example.rank)).all()
+                assert [g.max_value for g in got] == pytest.approx(expected, rel=1e-4)
+                for g in got:
+                    assert g.max_value == pytest.approx(per_ctx[g.context_id], rel=1e-4)
+                    assert max(g.token_values) == pytest.approx(g.max_value, rel=1e-4)
+        # Edges: every parent -> child of the model, with co-firing probabilities from the brute force.
+        edges = conn.execute(select(FeatureEdge).where(FeatureEdge.run_id == run.id)).scalars().all()
+        assert len(edges) == len(model.edges())
+        parent_active, child_active = dense[0] > 0, dense[1] > 0
+        for e in edges:
+            both = int((parent_active[:, e.parent_idx] & child_active[:, e.child_idx]).sum())
+            assert e.coactive_count == both
+            n_child = int(child_active[:, e.child_idx].sum())
+            if n_child:
+                assert e.p_parent_given_child == pytest.approx(both / n_child)
+            assert e.parent_idx == e.child_idx // 4  # moe: child index = parent * children + slot
+            assert -1.0 <= e.decoder_cosine <= 1.0
+    engine.dispose()
+
+
+def test_interrupted_index_leaves_previous_run_and_replace_swaps(db_url, trained_run, corpus, monkeypatch):
+    name = f"swap-{uuid.uuid4().hex[:8]}"
+    first = _index(trained_run, db_url, corpus, name)
+    engine = make_engine(db_url)
+    count = lambda: engine.connect().execute(select(func.count()).select_from(Run).where(Run.name == name)).scalar()  # noqa: E731
+
+    with pytest.raises(RunExistsError, match="--replace"):
+        _index(trained_run, db_url, corpus, name)
+
+    real_encode = pipeline._encode
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "_encode", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _index(trained_run, db_url, corpus, name, replace=True)
+    monkeypatch.setattr(pipeline, "_encode", real_encode)
+    with Session(engine) as conn:
+        visible = conn.execute(visible_runs().where(Run.name == name)).scalars().all()
+    assert [r.id for r in visible] == [first.run_id] and count() == 1
+
+    second = _index(trained_run, db_url, corpus, name, replace=True)
+    assert second.run_id != first.run_id
+    with Session(engine) as conn:
+        visible = conn.execute(visible_runs().where(Run.name == name)).scalars().all()
+        assert [r.id for r in visible] == [second.run_id]
+        assert conn.execute(select(func.count()).select_from(Feature).where(Feature.run_id == first.run_id)).scalar() == 0
+    engine.dispose()
