@@ -1,0 +1,116 @@
+"""Training speed of the MoE H-SAE against a flat TopK SAE with the same number of latents, in one process.
+
+moe: 1024 parents × 16 children (subspace 4), k=32; topk: 16,384 latents, k=32; d=576, batch 1024. Both train
+in lockstep on the same batches with the project's own `train_step` (forward, backward, decoder hooks, clip,
+Adam), one step of each in turn so that load from other processes on this shared machine hits both alike.
+Prints the median seconds per step of each, their ratio, and the explained variance of each on held-out rows
+after the same number of training tokens.
+
+    .venv/bin/python bench/bench_train.py [--activations FILE.npy] [--steps 80] [--batch 1024] [--threads 1]
+
+One torch thread by default: on this shared 2-core machine a second OpenMP thread makes every op wait for a
+core that another process holds, which hurts the MoE's many small ops far more than the flat SAE's few large
+matrix products (measured under load: moe 0.25 s/step at one thread, 3.8 s/step at two); pass --threads to
+measure otherwise.
+
+Without --activations the rows are synthetic (sparse sums of random directions plus noise): the speeds are
+valid, the explained variances only say that both models learn.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+import torch
+
+from trainer.config import ArchConfig, TrainConfig
+from trainer.evaluate import evaluate
+from trainer.models import build_model
+from trainer.train import DeadLatentTracker, make_autocast, make_optimizer, train_step
+
+D_MODEL = 576
+
+
+def synthetic_rows(n: int, d: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    atoms = rng.standard_normal((8192, d)).astype(np.float32)
+    atoms /= np.linalg.norm(atoms, axis=1, keepdims=True)
+    rows = np.empty((n, d), dtype=np.float32)
+    for lo in range(0, n, 4096):
+        m = min(4096, n - lo)
+        idx = rng.integers(0, len(atoms), (m, 24))
+        mags = rng.exponential(1.0, (m, 24, 1)).astype(np.float32)
+        rows[lo : lo + m] = (atoms[idx] * mags).sum(1) + 0.1 * rng.standard_normal((m, d)).astype(np.float32)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--activations", help="a float [N, d] .npy file (real activations)")
+    parser.add_argument("--steps", type=int, default=80, help="training steps of each model")
+    parser.add_argument("--batch", type=int, default=1024)
+    parser.add_argument("--eval-rows", type=int, default=4096)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    if args.activations:
+        rows = np.load(args.activations, mmap_mode="r")
+        data = f"real activations from {args.activations}"
+    else:
+        rows = synthetic_rows(args.steps * args.batch + args.eval_rows, D_MODEL)
+        data = "SYNTHETIC rows (speed is meaningful; explained variance only shows that both learn)"
+    n_train = min(len(rows) - args.eval_rows, args.steps * args.batch)
+    if n_train < args.batch:
+        raise SystemExit(f"need at least {args.batch + args.eval_rows} rows, got {len(rows)}")
+    train_rows = torch.from_numpy(np.array(rows[:n_train], dtype=np.float32))
+    eval_rows = torch.from_numpy(np.array(rows[-args.eval_rows :], dtype=np.float32))
+    d_in = train_rows.shape[1]
+
+    cfg = TrainConfig(batch_size=args.batch, lr=1e-3, steps=args.steps, warmup_steps=max(1, args.steps // 10),
+                      progress=False, device="cpu", dtype="float32")
+    arches = {
+        "moe": ArchConfig(
+            arch="moe", width=1024, k=32, children=16, subspace=4, coef_warmup_steps=args.steps // 2
+        ),
+        "topk": ArchConfig(arch="topk", width=16384, k=32),
+    }
+    models, optims, trackers, times = {}, {}, {}, {}
+    for name, arch_cfg in arches.items():
+        torch.manual_seed(0)
+        model = build_model(arch_cfg, d_in, seed=0)
+        model.prepare(train_rows[:8192])
+        models[name] = model.train()
+        optims[name] = make_optimizer(model, cfg, args.steps)
+        trackers[name] = DeadLatentTracker(model.level_widths, cfg.dead_window_tokens, torch.device("cpu"))
+        times[name] = []
+    autocast = make_autocast(torch.device("cpu"), torch.float32)
+    threads = torch.get_num_threads()
+    print(f"data: {data}; d={d_in}, batch {args.batch}, {args.steps} steps each, torch threads {threads}")
+    batches_per_pass = n_train // args.batch
+    for step in range(args.steps):
+        lo = (step % batches_per_pass) * args.batch
+        x_BD = train_rows[lo : lo + args.batch]
+        for name, model in models.items():
+            optimizer, scheduler = optims[name]
+            start = time.perf_counter()
+            out, _, _ = train_step(model, optimizer, scheduler, x_BD, step, trackers[name].dead_masks(),
+                                   autocast=autocast, grad_clip=cfg.grad_clip)
+            times[name].append(time.perf_counter() - start)
+            trackers[name].update(out.codes)
+    warm = min(2, args.steps - 1)  # the first steps pay one-time costs (lazy imports, allocator)
+    per_step = {name: statistics.median(t[warm:]) for name, t in times.items()}
+    print(f"{'model':<6}{'latents':>9}{'s/step':>9}{'steps/s':>9}{'tokens/s':>10}{'EV (held out)':>15}")
+    for name, model in models.items():
+        ev = evaluate(model, eval_rows.split(1024))["explained_variance"]
+        latents = sum(model.level_widths) if name == "topk" else model.level_widths[1]
+        print(f"{name:<6}{latents:>9,}{per_step[name]:>9.3f}{1 / per_step[name]:>9.2f}"
+              f"{args.batch / per_step[name]:>10,.0f}{ev:>15.4f}")
+    print(f"moe is {per_step['topk'] / per_step['moe']:.2f}x faster per step than topk (goal: >= 2x)")
+
+
+if __name__ == "__main__":
+    main()

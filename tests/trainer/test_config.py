@@ -1,0 +1,96 @@
+import json
+
+import pytest
+
+from trainer.config import ArchConfig, ConfigError, RunConfig, TrainConfig
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(arch="flat"), "arch must be one of"),
+        (dict(arch="topk", width=16, k=32), r"k \(32\) must be between 1 and width \(16\)"),
+        (dict(arch="topk", width=0), "width must be >= 1"),
+        (dict(arch="moe", width=64, k=8, children=0), "children must be >= 1"),
+        (dict(arch="moe", subspace=0), "subspace must be >= 1"),
+        (dict(arch="tree", levels=[64, 32]), "strictly increasing"),
+        (dict(arch="tree", levels=[64, 64, 128]), "strictly increasing"),
+        (dict(arch="tree", levels=[64]), "at least 2 levels"),
+        (dict(arch="tree", levels=[8, 16], level_k=[4]), "level_k has 1 entries but there are 2 levels"),
+        (dict(arch="tree", levels=[8, 16], level_k=[9, 4]), r"level k \(9\) must be between 1 and its level"),
+        (dict(arch="tree", width=64), "width does not apply to arch 'tree'"),
+        (dict(arch="topk", levels=[8, 16]), "apply only to arch 'tree'"),
+        (dict(arch="tree", levels=[8, 16], perturb_rate=1.0), "perturb_rate must be in"),
+        (dict(arch="tree", levels=[8, 16], unassigned_fraction=-0.1), "unassigned_fraction must be in"),
+        (dict(arch="tree", levels=[8, 16], reassign_every=0), "reassign_every must be >= 1"),
+        (dict(arch="moe", l1_coef=-1.0), "l1_coef must be >= 0"),
+    ],
+)
+def test_arch_config_rejects_bad_values_with_one_line(kwargs, message):
+    with pytest.raises(ConfigError, match=message) as info:
+        ArchConfig(**kwargs)
+    assert "\n" not in str(info.value)
+
+
+def test_subspace_is_checked_against_d_in():
+    cfg = ArchConfig(arch="moe", width=64, k=8, subspace=16)
+    cfg.validate_for(16)
+    with pytest.raises(ConfigError, match=r"subspace \(16\) must not exceed d_in \(8\)"):
+        cfg.validate_for(8)
+
+
+def test_defaults_are_resolved_per_architecture():
+    assert (ArchConfig(arch="moe").width, ArchConfig(arch="moe").k) == (1024, 32)
+    assert ArchConfig(arch="topk").width == 4096
+    tree = ArchConfig(arch="tree", levels=[16, 64], k=8)
+    assert tree.level_k == [8, 8] and tree.width is None
+    assert ArchConfig(arch="tree").levels == [512, 1024, 2048, 4096]
+    assert ArchConfig().resolved_aux_k(576) == 288 and ArchConfig(aux_k=7).resolved_aux_k(576) == 7
+    assert tree.resolved_reassign_every(100_000) == 5000 and tree.resolved_reassign_every(300) == 30
+    assert ArchConfig(arch="tree", reassign_every=7).resolved_reassign_every(100_000) == 7
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(batch_size=0), "batch_size must be >= 1"),
+        (dict(lr=0), "lr must be > 0"),
+        (dict(steps=0), "steps must be >= 1"),
+        (dict(adam_betas=(0.9, 1.0)), "adam_betas must be two numbers"),
+        (dict(grad_clip=0), "grad_clip must be > 0"),
+        (dict(dtype="float16"), "dtype must be auto, float32 or bfloat16"),
+        (dict(device="tpu-ish"), "device must be auto, cpu, cuda"),
+        (dict(min_lr_ratio=2), "min_lr_ratio must be in"),
+    ],
+)
+def test_train_config_rejects_bad_values(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig(**kwargs)
+
+
+def test_train_config_resolves_device_dtype_and_warmup():
+    cfg = TrainConfig(device="cpu")
+    assert cfg.resolved_device().type == "cpu" and str(cfg.resolved_dtype()) == "torch.float32"
+    assert cfg.resolved_warmup(50_000) == 1000 and cfg.resolved_warmup(300) == 30
+    assert TrainConfig(warmup_steps=7).resolved_warmup(300) == 7
+
+
+def test_round_trip_through_dict_and_file(tmp_path):
+    run = RunConfig(
+        ArchConfig(arch="tree", levels=[8, 16, 32]),
+        TrainConfig(batch_size=8, adam_betas=(0, 0.9)),
+    )
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"arch": run.arch.to_dict(), "train": run.train.to_dict()}))
+    assert RunConfig.load(path) == run
+
+
+def test_config_file_errors_are_config_errors(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        RunConfig.load(bad)
+    with pytest.raises(ConfigError, match="unknown ArchConfig field"):
+        RunConfig.from_dict({"arch": {"arch": "moe", "parents": 3}})
+    with pytest.raises(ConfigError, match="unknown config section"):
+        RunConfig.from_dict({"model": {}})

@@ -1,0 +1,111 @@
+"""Hierarchy metrics on hand-made codes with known answers, streaming, and the post-hoc baseline tree."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.trainer.helpers import D_IN, tiny_arch_config
+from trainer.evaluate import ce_loss_recovered, evaluate, format_metrics
+from trainer.hierarchy import CoactivationCounts, HierarchyStats, posthoc_tree
+from trainer.models import LevelCode, build_model
+
+
+def code(rows: list[list[int]]) -> LevelCode:
+    indices = torch.tensor(rows)
+    return LevelCode(indices, (indices >= 0).float())
+
+
+# 6 tokens; parents 0, 1 (width 3); children 0, 1 → parent 0, child 2 → parent 1, child 3 unassigned
+PARENTS = code([[0, -1], [0, 1], [0, -1], [1, -1], [-1, -1], [2, -1]])
+CHILDREN = code([[0, -1], [1, 2], [-1, -1], [-1, -1], [2, 3], [0, -1]])
+PARENT_OF = torch.tensor([0, 0, 1, -1])
+
+
+def test_counts_on_a_hand_made_example():
+    stats = HierarchyStats([3, 4], {1: PARENT_OF})
+    stats.update([PARENTS, CHILDREN])
+    edges = dict(zip(stats.edges(), stats.edge_stats()))
+    # child 0 fires on tokens 0 and 5; its parent 0 on tokens 0, 1, 2
+    assert edges[((0, 0), (1, 0))] == dict(coactive=1, p_parent_given_child=0.5, p_child_given_parent=1 / 3)
+    assert edges[((0, 0), (1, 1))] == dict(coactive=1, p_parent_given_child=1.0, p_child_given_parent=1 / 3)
+    # child 2 fires on tokens 1 and 4; parent 1 on tokens 1 and 3
+    assert edges[((0, 1), (1, 2))] == dict(coactive=1, p_parent_given_child=0.5, p_child_given_parent=0.5)
+    parents = stats.parent_stats()
+    # parent 0 active {0,1,2}; some child of 0 active {0,1,5}: they differ on tokens 2 and 5
+    assert parents[(0, 0)]["hamming"] == 2 and parents[(0, 0)]["hamming_jaccard"] == pytest.approx(2 / 4)
+    assert parents[(0, 0)]["p_any_child_given_parent"] == pytest.approx(2 / 3)
+    # parent 1 active {1,3}; child 2 active {1,4}
+    assert parents[(0, 1)]["hamming"] == 2
+    assert parents[(0, 1)]["hamming_per_1k"] == pytest.approx(1000 * 2 / 6)
+    summary = stats.summary()
+    assert summary["edges"] == 3 and summary["parents_with_children"] == 2
+    assert summary["p_parent_given_child"] == pytest.approx((0.5 + 1 + 0.5) / 3)
+    assert summary["hamming_jaccard"] == pytest.approx((0.5 + 2 / 3) / 2)
+
+
+def test_streamed_chunks_merge_to_the_whole():
+    whole = HierarchyStats([3, 4], {1: PARENT_OF})
+    whole.update([PARENTS, CHILDREN])
+    first, second = HierarchyStats([3, 4], {1: PARENT_OF}), HierarchyStats([3, 4], {1: PARENT_OF})
+    first.update([code(PARENTS.indices[:2].tolist()), code(CHILDREN.indices[:2].tolist())])
+    second.update([code(PARENTS.indices[2:].tolist()), code(CHILDREN.indices[2:].tolist())])
+    assert first.merge(second).summary() == whole.summary()
+    assert first.edge_stats() == whole.edge_stats()
+    with pytest.raises(ValueError, match="different trees"):
+        first.merge(HierarchyStats([3, 4], {1: torch.tensor([1, 0, 1, -1])}))
+
+
+def test_posthoc_tree_picks_the_most_coactive_parent():
+    parents = code([[0, 1], [0, -1], [1, -1], [1, -1], [2, -1]])
+    children = code([[0, -1], [0, 1], [1, -1], [1, -1], [-1, -1]])
+    # child 0 co-fires with parent 0 twice and parent 1 once; child 1 with parent 1 twice, parent 0 once;
+    # children 2, 3 never fire
+    assert posthoc_tree(parents, children, 3, 4).tolist() == [0, 1, -1, -1]
+    halves = CoactivationCounts(3, 4)
+    halves.update(code(parents.indices[:2].tolist()), code(children.indices[:2].tolist()))
+    halves.merge(_counts(code(parents.indices[2:].tolist()), code(children.indices[2:].tolist())))
+    assert halves.best_parents().tolist() == [0, 1, -1, -1]
+
+
+def _counts(parents, children):
+    counts = CoactivationCounts(3, 4)
+    counts.update(parents, children)
+    return counts
+
+
+def test_evaluate_reports_per_level_quality(arch, rows):
+    model = build_model(tiny_arch_config(arch), D_IN, seed=0)
+    x = torch.from_numpy(rows)
+    model.prepare(x[:512])
+    metrics = evaluate(model, x.split(300), max_tokens=1000)
+    assert metrics["tokens"] == 1000 and len(metrics["levels"]) == len(model.level_widths)
+    chunk = x[:1000]
+    x_hat = model.reconstruct(chunk)
+    expected = 1 - (chunk - x_hat).pow(2).sum() / (chunk - chunk.mean(0)).pow(2).sum()
+    assert metrics["explained_variance"] == pytest.approx(expected.item(), abs=1e-4)
+    codes = model.encode(chunk)
+    for level, entry in enumerate(metrics["levels"]):
+        assert entry["l0"] == pytest.approx((codes[level].indices >= 0).sum(-1).float().mean().item())
+        assert 0 <= entry["dead_fraction"] <= 1
+    assert len(metrics["edge_stats"]) == len(model.edges())
+    table = format_metrics(metrics, baseline=metrics)
+    assert "L0 explained variance" in table and len(table.splitlines()) > 5
+
+
+def test_ce_loss_recovered_hook():
+    model = build_model(tiny_arch_config("topk"), D_IN, seed=0)
+    seen = []
+
+    def ce_loss(replace):
+        if replace is None:
+            return 2.0
+        h = torch.ones(2, 3, D_IN)
+        out = replace(h)
+        assert out.shape == h.shape
+        seen.append(out)
+        return 10.0 if bool((out == 0).all()) else 4.0
+
+    result = ce_loss_recovered(ce_loss, model)
+    assert result["ce_clean"] == 2.0 and result["ce_zero"] == 10.0
+    assert result["ce_loss_score"] == pytest.approx((10 - 4) / (10 - 2))

@@ -1,0 +1,226 @@
+"""The common surface of every architecture, and the properties each method's equations promise."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from tests.trainer.helpers import D_IN, tiny_arch_config
+from trainer.models import build_model
+from trainer.models.base import unit_rows
+from trainer.models.moe import cross_orthogonality, grouped_matvec
+
+
+def test_codes_have_the_documented_layout(prepared, rows):
+    x = torch.from_numpy(rows[:100])
+    codes = prepared.encode(x)
+    assert len(codes) == len(prepared.level_widths)
+    for code, width, k in zip(codes, prepared.level_widths, prepared.level_k):
+        assert code.indices.dtype == torch.int64 and code.indices.shape == (100, k) == code.values.shape
+        assert bool(((code.indices >= -1) & (code.indices < width)).all())
+        assert bool((code.values[code.indices < 0] == 0).all())
+        assert bool((code.indices >= 0).any())
+
+
+def test_reconstruct_is_decode_of_encode_in_raw_space(prepared, rows):
+    x = torch.from_numpy(rows[:100])
+    _, scale = prepared.normalize(x)
+    expected = prepared.decode(prepared.encode(x)) / scale
+    torch.testing.assert_close(prepared.reconstruct(x), expected)
+    prepared.eval()
+    out = prepared.loss(x, step=0)
+    torch.testing.assert_close(out.x_hat_BD / scale, prepared.reconstruct(x), rtol=1e-4, atol=1e-4)
+
+
+def test_normalisation_is_fitted_and_held(arch, rows):
+    model = build_model(tiny_arch_config(arch), D_IN, seed=0)
+    x = torch.from_numpy(rows[:512])
+    model.prepare(x)
+    x_n, _ = model.normalize(x)
+    if model.normalization == "unit_norm":
+        torch.testing.assert_close(x_n.norm(dim=-1), torch.ones(512))
+    else:
+        assert x_n.norm(dim=-1).mean().item() == pytest.approx(D_IN**0.5, rel=1e-4)
+        assert "input_scale" in model.state_dict()
+
+
+def test_optimizer_hooks_keep_decoders_unit_norm_and_move_only_directions(prepared, rows):
+    out = prepared.loss(torch.from_numpy(rows[:256]), step=3)
+    out.loss.backward()
+    prepared.before_optimizer_step()
+    for param, dim in prepared.unit_norm_params():
+        parallel = (param.grad * unit_rows(param, dim)).sum(dim)
+        assert parallel.abs().max().item() < 1e-5
+    with torch.no_grad():
+        for param in prepared.parameters():
+            param -= 0.1 * param.grad
+    prepared.after_optimizer_step(1)
+    for param, dim in prepared.unit_norm_params():
+        torch.testing.assert_close(param.norm(dim=dim), torch.ones_like(param.norm(dim=dim)))
+
+
+def test_decoder_directions_are_unit_and_sized_per_level(prepared):
+    for level, width in enumerate(prepared.level_widths):
+        directions = prepared.decoder_directions(level)
+        assert directions.shape == (width, D_IN)
+        torch.testing.assert_close(directions.norm(dim=-1), torch.ones(width))
+
+
+def test_edges_describe_the_structure():
+    moe = build_model(tiny_arch_config("moe"), D_IN, seed=0)
+    edges = moe.edges()
+    assert len(edges) == 16 * 4
+    assert all(parent == (0, child // 4) and level == 1 for parent, (level, child) in edges)
+    assert build_model(tiny_arch_config("topk"), D_IN, seed=0).edges() == []
+    tree = build_model(tiny_arch_config("tree"), D_IN, seed=0)
+    tree.reassign()
+    edges = tree.edges()
+    for level, width in ((1, 24), (2, 48)):
+        assigned = (tree.parent_of(level) >= 0).sum().item()
+        assert assigned == width - int(0.2 * width)  # the lowest-similarity 20% stay unassigned
+        assert sum(1 for _, (lv, _) in edges if lv == level) == assigned
+
+
+def test_tree_assigns_children_to_their_most_similar_parent():
+    tree = build_model(tiny_arch_config("tree", unassigned_fraction=0.0), D_IN, seed=0)
+    with torch.no_grad():
+        parents = tree.saes[0].W_enc_DF  # [D, 12]
+        child_enc = tree.saes[1].W_enc_DF
+        owner = torch.arange(24) % 12
+        child_enc.copy_(parents[:, owner] + 0.05 * torch.randn(D_IN, 24))
+    tree.reassign()
+    assert torch.equal(tree.parent_of(1), owner)
+
+
+# ---- moe: children only for the k active parents ----------------------------------------------------------
+def test_grouped_matvec_matches_a_plain_gather_forward_and_backward():
+    torch.manual_seed(0)
+    x = torch.randn(40, 16, requires_grad=True)
+    W = torch.randn(9, 3, 16, requires_grad=True)
+    experts = torch.cat([torch.zeros(30, dtype=torch.long), torch.randint(0, 9, (90,))])  # one popular expert
+    tokens = torch.arange(40).repeat_interleave(3)
+    out = grouped_matvec(x, tokens, experts, W)
+    ref = torch.einsum("nsd,nd->ns", W[experts], x[tokens])
+    torch.testing.assert_close(out, ref)
+    grad = torch.randn_like(out)
+    for mine, theirs in zip(torch.autograd.grad(out, (x, W), grad), torch.autograd.grad(ref, (x, W), grad)):
+        torch.testing.assert_close(mine, theirs)
+
+
+class _LargestTensor(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def _moe(F=256, K=8, S=8, C=8, D=64):
+    return build_model(tiny_arch_config("moe", width=F, k=K, subspace=S, children=C), D, seed=0)
+
+
+def test_moe_makes_no_tensor_the_size_of_all_experts_or_of_gathered_projections():
+    """No tensor made during forward + backward is as large as a dense expert projection [B, F, S], dense
+    child codes [B, F, C] or a per-pair gather of P↓ [B, k, S, D]; the largest allowed is
+    max(a parameter, the [B, F] parent code, 2·B·k·D padded activations)."""
+    B, F, K, S, C, D = 128, 256, 8, 8, 8, 64
+    model = _moe(F, K, S, C, D)
+    x = torch.randn(B, D)
+    model.prepare(x)
+    spy = _LargestTensor()
+    with spy:
+        model.loss(x, step=10).loss.backward()
+    allowed = max(max(p.numel() for p in model.parameters()), B * F, 2 * B * K * D)
+    assert spy.largest <= allowed < min(B * F * S, B * K * S * D, B * F * C)
+
+
+def test_moe_reads_no_expert_of_an_inactive_parent():
+    """The experts of parents that no token selected are poisoned with NaN: any read of them, even one
+    multiplied by zero afterwards, would make the loss or the gradients NaN."""
+    model = _moe()
+    x = torch.randn(16, 64)
+    model.prepare(x)
+    _, _, top = model._parents(model.normalize(x)[0])
+    unused = torch.ones(256, dtype=torch.bool)
+    unused[top.flatten()] = False
+    unused[0] = False  # row 0 stands in, with weight 0, for empty slots in the sparse decoders
+    assert unused.sum() > 128
+    with torch.no_grad():
+        for name in ("P_down_FSD", "P_up_FSD", "E_enc_FCS", "D_dec_FCS"):
+            getattr(model, name)[unused] = float("nan")
+    out = model.loss(x, step=10)
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+    for name in ("P_down_FSD", "P_up_FSD", "E_enc_FCS", "D_dec_FCS"):
+        grad = getattr(model, name).grad
+        assert bool(torch.isfinite(grad[~unused]).all()) and bool((grad[unused] == 0).all())
+        assert bool((grad[~unused] != 0).any())
+
+
+def test_moe_children_follow_their_parent():
+    model = build_model(tiny_arch_config("moe"), D_IN, seed=0)
+    x = torch.randn(200, D_IN)
+    parents, children = model.encode(x)
+    active = parents.indices >= 0
+    assert torch.equal(children.indices >= 0, active)  # exactly one child per active parent, none otherwise
+    assert torch.equal(children.indices[active] // 4, parents.indices[active])
+
+
+def test_cross_orthogonality_matches_the_definition():
+    torch.manual_seed(0)
+    W_enc, W_dec = torch.randn(10, 30), torch.randn(30, 10)
+    E, Dm = unit_rows(W_enc.T), unit_rows(W_dec)
+    ED = E @ Dm.T
+    expected = (ED - torch.diag(torch.diag(ED))).norm() / (30 * 30 - 30)
+    torch.testing.assert_close(cross_orthogonality(W_enc, W_dec), expected)
+
+
+# ---- tree --------------------------------------------------------------------------------------------------
+def test_tree_tie_loss_equals_the_dense_formula():
+    model = build_model(tiny_arch_config("tree"), D_IN, seed=0)
+    model.reassign()
+    x = torch.randn(50, D_IN)
+    codes = model.encode(x)
+    for level in (1, 2):
+        parent_sae, child_sae = model.saes[level - 1], model.saes[level]
+        parent, child = codes[level - 1], codes[level]
+        dense_p = torch.zeros(50, parent_sae.width).scatter_add(1, parent.indices.clamp(min=0), parent.values)
+        dense_c = torch.zeros(50, child_sae.width).scatter_add(1, child.indices.clamp(min=0), child.values)
+        f_p = dense_p.unsqueeze(-1) * parent_sae.W_dec_FD  # [B, P, D]
+        f_c = dense_c.unsqueeze(-1) * child_sae.W_dec_FD
+        parent_of = model.parent_of(level)
+        summed = torch.zeros_like(f_p)
+        summed.index_add_(1, parent_of.clamp(min=0), f_c * (parent_of >= 0).view(1, -1, 1))
+        in_tree = torch.zeros(parent_sae.width, dtype=torch.bool)
+        in_tree[parent_of[parent_of >= 0]] = True  # only parents with children are tied to them
+        expected = (f_p - summed)[:, in_tree].pow(2).sum() / 50
+        torch.testing.assert_close(model._tie_loss(level, codes), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_tree_perturbation_swaps_parents_for_their_children(monkeypatch):
+    model = build_model(tiny_arch_config("tree", perturb_rate=0.5), D_IN, seed=0)
+    model.reassign()
+    x = torch.randn(64, D_IN)
+    codes = model.encode(x)
+    model.eval()
+    clean = model._reconstruct_level(0, codes)
+    model.train()
+    monkeypatch.setattr(torch, "rand", lambda shape, device=None: torch.zeros(shape))  # swap every parent
+    swapped = model._reconstruct_level(0, codes)
+    parents, children, parent_of = codes[0], codes[1], model.parent_of(1)
+    has_children = torch.zeros(12, dtype=torch.bool)
+    has_children[parent_of[parent_of >= 0]] = True
+    kept = torch.where(has_children[parents.indices.clamp(min=0)], 0, parents.values)  # childless stay
+    child_parent = parent_of[children.indices.clamp(min=0)]
+    under = (child_parent >= 0) & (child_parent.unsqueeze(-1) == parents.indices.unsqueeze(1)).any(-1)
+    expected = model.saes[0].decode(parents.indices, kept)
+    under_values = torch.where(under, children.values, 0)
+    expected += model.saes[1].decode(children.indices, under_values) - model.saes[1].b_dec_D
+    torch.testing.assert_close(swapped, expected)
+    assert not torch.allclose(swapped, clean)

@@ -1,0 +1,297 @@
+"""Typed, validated configuration for the HSAE architectures and their training: the one source of defaults.
+
+Paper defaults are kept where they do not depend on scale (coefficients, thresholds, clip, betas); sizes are
+scaled down so that a default run fits a laptop CPU. `None` in a size field means "the architecture's
+default", resolved in `__post_init__`, so the CLI, a config file and the API all read the same objects.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from trainer.errors import HSAEError
+
+ARCHES = ("moe", "tree", "topk")
+
+
+class ConfigError(HSAEError, ValueError):
+    """A configuration value is invalid; the message is one line naming the field and the problem."""
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def _from_dict(cls, data: dict[str, Any]):
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    _check(not unknown, f"unknown {cls.__name__} field(s): {', '.join(unknown)}")
+    try:
+        return cls(**data)
+    except TypeError as err:  # a missing required field
+        raise ConfigError(f"{cls.__name__}: {err}") from None
+
+
+@dataclass
+class ArchConfig:
+    """Which HSAE to train and its sizes and loss coefficients."""
+
+    arch: Literal["moe", "tree", "topk"] = "moe"
+    """`moe` (MoE H-SAE, arXiv 2506.01197), `tree` (Tree HSAE, arXiv 2602.11881) or `topk` (flat TopK SAE)."""
+
+    width: int | None = None
+    """Number of latents of a flat `topk` SAE, or number of parents of `moe` (default 4096 / 1024).
+    `tree` takes `levels` instead."""
+
+    k: int | None = None
+    """Active latents per token at the top level (`moe`: active parents, each with one child). Default 32."""
+
+    children: int = 16
+    """`moe`: children per parent (paper: 16 with subspace 4, or 64 with subspace 8)."""
+
+    subspace: int = 4
+    """`moe`: dimension s of each parent's expert subspace."""
+
+    levels: list[int] | None = None
+    """`tree`: level widths, top to bottom, strictly increasing (default 512,1024,2048,4096; paper 2k-16k)."""
+
+    level_k: list[int] | None = None
+    """`tree`: TopK k of each level (default `k` at every level; the paper steers every level's L0 to 50)."""
+
+    rho: float = 0.01
+    """`tree`: weight of the parent = sum-of-children constraint."""
+
+    perturb_rate: float = 0.05
+    """`tree`: probability that an active parent's contribution is replaced by the sum of its children's."""
+
+    reassign_every: int | None = None
+    """`tree`: optimizer steps between re-assignments of every child to its most encoder-similar parent; the
+    first assignment happens then too. None = the paper's 5000, or a tenth of the run if that is shorter."""
+
+    unassigned_fraction: float = 0.2
+    """`tree`: the fraction of children with the lowest best-parent similarity that stay unassigned."""
+
+    l1_coef: float = 1e-3
+    """`moe`: L1 penalty on parent and child codes (warmed up)."""
+
+    ortho_coef: float = 0.1
+    """`moe`: cross-orthogonality penalty between top-level encoder and decoder (warmed up)."""
+
+    top_recon_coef: float = 0.1
+    """`moe`: weight of the reconstruction from the parents alone."""
+
+    coef_warmup_steps: int = 1000
+    """`moe`: steps over which the L1 and orthogonality coefficients rise linearly from 0."""
+
+    aux_k: int | None = None
+    """`topk`/`tree`: latents used by the AuxK dead-latent loss (Gao et al.; default min(512, d_in // 2))."""
+
+    aux_coef: float = 1 / 32
+    """`topk`/`tree`: AuxK loss coefficient."""
+
+    def __post_init__(self) -> None:
+        _check(self.arch in ARCHES, f"arch must be one of {', '.join(ARCHES)}, got {self.arch!r}")
+        if self.k is None:
+            self.k = 32
+        if self.arch == "tree":
+            _check(self.width is None, "width does not apply to arch 'tree'; give levels (widths, top first)")
+            if self.levels is None:
+                self.levels = [512, 1024, 2048, 4096]
+            self.levels = [int(w) for w in self.levels]
+            _check(len(self.levels) >= 2, f"tree needs at least 2 levels, got {len(self.levels)}")
+            _check(all(w >= 1 for w in self.levels), f"level widths must be positive, got {self.levels}")
+            _check(
+                all(a < b for a, b in zip(self.levels, self.levels[1:])),
+                f"levels must be strictly increasing top to bottom, got {self.levels}",
+            )
+            if self.level_k is None:
+                self.level_k = [min(self.k, w) for w in self.levels]
+            self.level_k = [int(k) for k in self.level_k]
+            _check(
+                len(self.level_k) == len(self.levels),
+                f"level_k has {len(self.level_k)} entries but there are {len(self.levels)} levels",
+            )
+            for w, k in zip(self.levels, self.level_k):
+                _check(1 <= k <= w, f"level k ({k}) must be between 1 and its level width ({w})")
+            _check(self.rho >= 0, f"rho must be >= 0, got {self.rho}")
+            _check(0 <= self.perturb_rate < 1, f"perturb_rate must be in [0, 1), got {self.perturb_rate}")
+            _check(
+                self.reassign_every is None or self.reassign_every >= 1,
+                f"reassign_every must be >= 1, got {self.reassign_every}",
+            )
+            _check(
+                0 <= self.unassigned_fraction < 1,
+                f"unassigned_fraction must be in [0, 1), got {self.unassigned_fraction}",
+            )
+        else:
+            _check(
+                self.levels is None and self.level_k is None,
+                f"levels/level_k apply only to arch 'tree', not {self.arch!r}",
+            )
+            if self.width is None:
+                self.width = 1024 if self.arch == "moe" else 4096
+            _check(self.width >= 1, f"width must be >= 1, got {self.width}")
+            _check(1 <= self.k <= self.width, f"k ({self.k}) must be between 1 and width ({self.width})")
+        if self.arch == "moe":
+            _check(self.children >= 1, f"children must be >= 1, got {self.children}")
+            _check(self.subspace >= 1, f"subspace must be >= 1, got {self.subspace}")
+            _check(
+                self.coef_warmup_steps >= 0,
+                f"coef_warmup_steps must be >= 0, got {self.coef_warmup_steps}",
+            )
+            for name in ("l1_coef", "ortho_coef", "top_recon_coef"):
+                _check(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+        _check(self.aux_k is None or self.aux_k >= 1, f"aux_k must be >= 1, got {self.aux_k}")
+        _check(self.aux_coef >= 0, f"aux_coef must be >= 0, got {self.aux_coef}")
+
+    def validate_for(self, d_in: int) -> None:
+        """Checks what depends on the activations' width, known only once the data is."""
+        _check(d_in >= 1, f"d_in must be >= 1, got {d_in}")
+        if self.arch == "moe":
+            _check(self.subspace <= d_in, f"subspace ({self.subspace}) must not exceed d_in ({d_in})")
+
+    def resolved_reassign_every(self, total_steps: int) -> int:
+        return self.reassign_every or min(5000, max(1, total_steps // 10))
+
+    def resolved_aux_k(self, d_in: int) -> int:
+        return self.aux_k if self.aux_k is not None else max(1, min(512, d_in // 2))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ArchConfig:
+        return _from_dict(cls, data)
+
+
+@dataclass
+class TrainConfig:
+    """How to train: optimizer, schedule, checkpoints, logging, device."""
+
+    batch_size: int = 1024
+    """Tokens per optimizer step (tree paper 1024; the MoE paper used 32,512 on accelerators)."""
+
+    lr: float = 5e-4
+    """Peak Adam learning rate (MoE paper 5e-4)."""
+
+    steps: int | None = None
+    """Optimizer steps; None = one pass over the activations (resolved by `train` from the source)."""
+
+    warmup_steps: int | None = None
+    """Linear learning-rate warm-up from 0; None = min(1000, 10% of steps) (papers: 1000 steps / 10%)."""
+
+    min_lr_ratio: float = 0.0
+    """The cosine decay ends at lr * min_lr_ratio."""
+
+    adam_betas: tuple[float, float] | None = None
+    """Adam betas; None = the architecture's paper value (moe/topk (0.9, 0.999), tree (0.0, 0.995))."""
+
+    grad_clip: float | None = 0.75
+    """Global gradient-norm clip (MoE paper 0.75); None disables it."""
+
+    seed: int = 0
+    """Seeds the initialisation, the data order and the tree's random perturbations."""
+
+    checkpoint_every: int = 1000
+    """Steps between checkpoints (one is always written at the end); 0 = only at the end."""
+
+    log_every: int = 50
+    """Steps between progress-bar updates and lines in train_log.jsonl."""
+
+    dead_window_tokens: int = 1_000_000
+    """A latent that has not fired for this many tokens counts as dead (logged; drives the AuxK loss)."""
+
+    device: str = "auto"
+    """`auto` (cuda when available), `cpu`, `cuda`, `cuda:1`, ..."""
+
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """Compute dtype under autocast (weights and Adam state stay float32); auto: bf16 on cuda, else fp32."""
+
+    progress: bool = True
+    """Show a tqdm progress bar (tokens/s, loss, explained variance, L0)."""
+
+    def __post_init__(self) -> None:
+        _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        _check(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        _check(self.steps is None or self.steps >= 1, f"steps must be >= 1, got {self.steps}")
+        _check(
+            self.warmup_steps is None or self.warmup_steps >= 0,
+            f"warmup_steps must be >= 0, got {self.warmup_steps}",
+        )
+        _check(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.adam_betas is not None:
+            self.adam_betas = tuple(float(b) for b in self.adam_betas)  # JSON gives a list
+            _check(
+                len(self.adam_betas) == 2 and all(0 <= b < 1 for b in self.adam_betas),
+                f"adam_betas must be two numbers in [0, 1), got {self.adam_betas}",
+            )
+        _check(
+            self.grad_clip is None or self.grad_clip > 0,
+            f"grad_clip must be > 0 or None, got {self.grad_clip}",
+        )
+        _check(self.checkpoint_every >= 0, f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
+        _check(self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}")
+        _check(
+            self.dead_window_tokens >= 1, f"dead_window_tokens must be >= 1, got {self.dead_window_tokens}"
+        )
+        _check(
+            self.dtype in ("auto", "float32", "bfloat16"),
+            f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}",
+        )
+        try:
+            torch.device("cpu" if self.device == "auto" else self.device)
+        except RuntimeError:
+            raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}") from None
+
+    def resolved_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def resolved_dtype(self) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.bfloat16 if self.resolved_device().type == "cuda" else torch.float32
+        return getattr(torch, self.dtype)
+
+    def resolved_warmup(self, steps: int) -> int:
+        return self.warmup_steps if self.warmup_steps is not None else min(1000, steps // 10)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        if data["adam_betas"] is not None:
+            data["adam_betas"] = list(data["adam_betas"])
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        return _from_dict(cls, data)
+
+
+@dataclass
+class RunConfig:
+    """A config file's content: `{"arch": {...}, "train": {...}}` (JSON)."""
+
+    arch: ArchConfig = field(default_factory=ArchConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunConfig:
+        unknown = sorted(set(data) - {"arch", "train"})
+        _check(not unknown, f"unknown config section(s): {', '.join(unknown)} (expected arch, train)")
+        return cls(ArchConfig.from_dict(data.get("arch", {})), TrainConfig.from_dict(data.get("train", {})))
+
+    @classmethod
+    def load(cls, path: str | Path) -> RunConfig:
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise ConfigError(f"cannot read config file {path}: {err}") from None
+        _check(isinstance(data, dict), f"config file {path} must hold a JSON object")
+        return cls.from_dict(data)

@@ -1,0 +1,218 @@
+"""What every HSAE architecture offers the training loop, the checkpoint and the indexer.
+
+Shape suffixes: B batch, D model width (d_in), F latents of a level, K active slots, S expert subspace,
+C children per parent, N flattened (token, slot) pairs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from trainer.config import ArchConfig
+
+EPS = 1e-8
+
+
+@dataclass
+class LevelCode:
+    """A level's sparse code: `indices` int64 [B, K] (-1 = unused slot), `values` [B, K] (0 where unused)."""
+
+    indices: Tensor
+    values: Tensor
+
+    def active_BK(self) -> Tensor:
+        return self.indices >= 0
+
+    def l0(self) -> Tensor:
+        return self.active_BK().sum(-1).float().mean()
+
+
+@dataclass
+class StepOutput:
+    """What one training forward pass hands the loop."""
+
+    loss: Tensor
+    logs: dict[str, Tensor]  # detached scalars, read only on logging steps (no device sync otherwise)
+    codes: list[LevelCode]
+    x_BD: Tensor  # input in normalised space
+    x_hat_BD: Tensor  # the model's final reconstruction, normalised space
+
+
+@dataclass
+class SaeLensLevel:
+    """One ordinary TopK SAE level in raw activation space (input scale folded in), ready for sae-lens."""
+
+    W_enc_DF: Tensor
+    b_enc_F: Tensor
+    W_dec_FD: Tensor
+    b_dec_D: Tensor
+    k: int
+
+
+def sparse_decode(W_dec_FD: Tensor, indices_BK: Tensor, values_BK: Tensor) -> Tensor:
+    """Σ_k values[b,k] · W_dec[indices[b,k]] without a dense [B, F] code: embedding_bag reads only the K
+    active rows per token (and its backward writes only those rows), unlike `codes_BF @ W_dec_FD`."""
+    weights = torch.where(indices_BK >= 0, values_BK, 0).to(W_dec_FD.dtype)
+    return F.embedding_bag(indices_BK.clamp(min=0), W_dec_FD, per_sample_weights=weights, mode="sum")
+
+
+def topk_relu(pre_BF: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The k largest pre-activations, ReLU'd; slots whose value is 0 get index -1."""
+    values_BK, indices_BK = pre_BF.topk(k, dim=-1, sorted=False)
+    values_BK = values_BK.relu()
+    return values_BK, torch.where(values_BK > 0, indices_BK, -1)
+
+
+def unit_rows(W: Tensor, dim: int = -1) -> Tensor:
+    return W / W.norm(dim=dim, keepdim=True).clamp_min(EPS)
+
+
+class HSAE(nn.Module):
+    """Base of the three architectures; level 0 is the top (roots).
+
+    A model holds its input normalisation: `unit_norm` scales every token to norm 1 (MoE paper); `constant`
+    multiplies by one scale, fitted once from a sample so that the mean norm is sqrt(d) (Tree paper), which
+    sae-lens can fold exactly into its weights.
+    """
+
+    arch: ClassVar[str]
+    normalization: ClassVar[str] = "constant"
+    default_betas: ClassVar[tuple[float, float]] = (0.9, 0.999)
+
+    def __init__(self, cfg: ArchConfig, d_in: int):
+        super().__init__()
+        cfg.validate_for(d_in)
+        self.cfg = cfg
+        self.d_in = d_in
+        self.register_buffer("input_scale", torch.ones(()))
+
+    # ---- sizes and structure -------------------------------------------------------------------------
+    @property
+    def level_widths(self) -> list[int]:
+        raise NotImplementedError
+
+    @property
+    def level_k(self) -> list[int]:
+        """Slots K of each level's code."""
+        raise NotImplementedError
+
+    def level_info(self) -> list[dict[str, Any]]:
+        """cfg.json "levels": one dict per level (width, k, and architecture extras)."""
+        return [{"width": w, "k": k} for w, k in zip(self.level_widths, self.level_k)]
+
+    def parent_of(self, level: int) -> Tensor | None:
+        """int64 [W_level]: each latent's parent in level-1 (-1 = none); None for level 0 or a flat SAE."""
+        return None
+
+    def edges(self) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+        """The structural hierarchy as (parent (level, index), child (level, index)) pairs."""
+        out = []
+        for level in range(1, len(self.level_widths)):
+            parents = self.parent_of(level)
+            if parents is None:
+                continue
+            for child in torch.nonzero(parents >= 0).squeeze(1).tolist():
+                out.append(((level - 1, int(parents[child])), (level, child)))
+        return out
+
+    # ---- normalisation -------------------------------------------------------------------------------
+    def normalize(self, x_raw_BD: Tensor) -> tuple[Tensor, Tensor]:
+        """Returns (x in normalised space, the per-token factor [B, 1] that took it there)."""
+        if self.normalization == "unit_norm":
+            scale_B1 = 1.0 / x_raw_BD.norm(dim=-1, keepdim=True).clamp_min(EPS)
+        else:
+            scale_B1 = self.input_scale.to(x_raw_BD.dtype).expand(x_raw_BD.shape[0], 1)
+        return x_raw_BD * scale_B1, scale_B1
+
+    @torch.no_grad()
+    def fit_normalization(self, sample_BD: Tensor) -> None:
+        if self.normalization == "constant":
+            mean_norm = sample_BD.float().norm(dim=-1).mean().clamp_min(EPS)
+            self.input_scale.fill_(math.sqrt(self.d_in) / mean_norm.item())
+
+    def normalization_info(self) -> dict[str, Any]:
+        if self.normalization == "unit_norm":
+            return {"kind": "unit_norm", "description": "every token scaled to norm 1"}
+        return {
+            "kind": "constant",
+            "scale": float(self.input_scale),
+            "description": "x * scale, scale fitted so the mean token norm is sqrt(d_in)",
+        }
+
+    @torch.no_grad()
+    def prepare(self, sample_raw_BD: Tensor) -> None:
+        """Data-dependent initialisation, once before training: normalisation, then `init_from_data`."""
+        self.fit_normalization(sample_raw_BD)
+        self.init_from_data(self.normalize(sample_raw_BD)[0])
+
+    def init_from_data(self, sample_BD: Tensor) -> None:
+        pass
+
+    def start_training(self, total_steps: int) -> None:
+        """Called by the loop before its first step (also when resuming) with the run's length."""
+
+    # ---- the small surface every architecture implements ---------------------------------------------
+    def encode(self, x_raw_BD: Tensor) -> list[LevelCode]:
+        raise NotImplementedError
+
+    def decode(self, codes: list[LevelCode], level: int | None = None) -> Tensor:
+        """Reconstruction in normalised space; `level` picks a coarser one (see each architecture)."""
+        raise NotImplementedError
+
+    def reconstruct(self, x_raw_BD: Tensor, level: int | None = None) -> Tensor:
+        _, scale_B1 = self.normalize(x_raw_BD)
+        return self.decode(self.encode(x_raw_BD), level) / scale_B1
+
+    def forward(self, x_raw_BD: Tensor) -> Tensor:
+        return self.reconstruct(x_raw_BD)
+
+    def loss(self, x_raw_BD: Tensor, step: int, dead: list[Tensor] | None = None) -> StepOutput:
+        """One training forward pass; `dead` holds a bool [W_l] mask per level of latents dead so far."""
+        raise NotImplementedError
+
+    def decoder_directions(self, level: int) -> Tensor:
+        """[W_level, D] unit directions in raw space (the normalisations are isotropic, so they are the
+        normalised-space ones)."""
+        raise NotImplementedError
+
+    def saelens_export(self, level: int) -> SaeLensLevel | None:
+        """The level as an ordinary TopK SAE in raw space, or None when it is not one."""
+        return None
+
+    # ---- hooks around the optimizer step -------------------------------------------------------------
+    def unit_norm_params(self) -> list[tuple[nn.Parameter, int]]:
+        """(parameter, dim) pairs whose slices along `dim` are kept at unit norm."""
+        return []
+
+    @torch.no_grad()
+    def before_optimizer_step(self) -> None:
+        """Removes the gradient component parallel to each unit-norm decoder vector, so that the step moves
+        the direction rather than the (renormalised-away) length."""
+        for param, dim in self.unit_norm_params():
+            if param.grad is None:
+                continue
+            unit = unit_rows(param, dim)
+            param.grad -= (param.grad * unit).sum(dim, keepdim=True) * unit
+
+    @torch.no_grad()
+    def after_optimizer_step(self, step: int) -> None:
+        """`step` = optimizer steps completed so far."""
+        for param, dim in self.unit_norm_params():
+            param.copy_(unit_rows(param, dim))
+
+    # ---- checkpoint ----------------------------------------------------------------------------------
+    def to_checkpoint(self) -> tuple[dict[str, Any], dict[str, Tensor]]:
+        state = {name: t.detach().cpu().contiguous() for name, t in self.state_dict().items()}
+        return {"arch": self.cfg.to_dict(), "d_in": self.d_in}, state
+
+    @classmethod
+    def from_checkpoint(cls, cfg: dict[str, Any], state: dict[str, Tensor]) -> HSAE:
+        model = cls(ArchConfig.from_dict(cfg["arch"]), int(cfg["d_in"]))
+        model.load_state_dict(state)
+        return model
