@@ -1,0 +1,247 @@
+"""Live prompt activations: the real SmolLM2 (layer 6) with a small MoE H-SAE trained here on its activations,
+checked against encoding the same tokens directly; and, with a slow stand-in model, the limits: prompt length
+(413), a full queue (503 with Retry-After) and the per-request timeout (504)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from backend.app import create_app
+from backend.live import LevelCodes, LiveService, PromptToken, file_digest
+from tests.backend.api_fixtures import SynthRun, app_settings, make_run, new_database, session_scope  # noqa: F401
+from tests.backend.test_api_browse import assert_error
+
+LIVE_RUN = "live"
+URL = f"/api/v1/runs/{LIVE_RUN}/activations"
+WIDTH, CHILDREN, K = 32, 4, 4
+
+
+@pytest.fixture(scope="module")
+def checkpoint(lm, tmp_path_factory) -> Path:
+    """A tiny MoE H-SAE trained for a few dozen steps on real layer-6 activations of a small corpus."""
+    from trainer.activations import ActivationCache
+    from trainer.config import ArchConfig, TrainConfig
+    from trainer.models import build_model
+    from trainer.train import train
+
+    root = tmp_path_factory.mktemp("live")
+    corpus = root / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("The cat sat on the mat and looked at the dog. " * 20)
+    (corpus / "b.txt").write_text("Paris is the capital of France; Berlin is the capital of Germany. " * 15)
+    source = ActivationCache(lm, str(corpus), 32, root=root / "acts").ensure(None)
+    model = build_model(
+        ArchConfig(arch="moe", width=WIDTH, k=K, children=CHILDREN, subspace=4), source.d_in, seed=0
+    )
+    run_dir = root / "run"
+    train(
+        model,
+        source,
+        TrainConfig(batch_size=128, steps=20, progress=False, device="cpu", log_every=10),
+        run_dir,
+        model_info={"name": lm.name, "layer": lm.layer, "hook": lm.hook_name},
+    )
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def live_db(checkpoint, lm, new_database) -> str:
+    url = new_database("sqlite")
+    synth = SynthRun(
+        name=LIVE_RUN,
+        roots=WIDTH,
+        children=CHILDREN,
+        model=lm.name,
+        layer=lm.layer,
+        digest=file_digest(checkpoint / "weights.safetensors"),
+        checkpoint_path=str(checkpoint),
+    )
+    with session_scope(url) as session:
+        make_run(session, synth)
+        make_run(session, SynthRun(name="no-checkpoint"))
+        make_run(
+            session, SynthRun(name="moved", model=lm.name, layer=lm.layer, checkpoint_path="/nonexistent/run")
+        )
+    return url
+
+
+@pytest.fixture(scope="module")
+def live_client(live_db):
+    with TestClient(create_app(app_settings(live_db, max_prompt_tokens=64, live_device="cpu"))) as client:
+        yield client
+
+
+def direct_codes(lm, checkpoint: Path, token_ids: list[int]):
+    from trainer.checkpoint import load_checkpoint
+
+    hsae, _ = load_checkpoint(checkpoint)
+    ids = torch.tensor([[lm.tokenizer.bos_token_id, *token_ids]])
+    with torch.inference_mode():
+        return hsae.encode(lm.residual(ids)[0, 1:].float())
+
+
+@pytest.mark.slow
+def test_live_activations_match_direct_encoding(live_client, lm, checkpoint):
+    text = "The cat sat on the mat. Paris is the capital of France, naïve café 日本."
+    response = live_client.post(URL, json={"text": text})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert (body["run"], body["model"], body["layer"], body["device"]) == (LIVE_RUN, lm.name, 6, "cpu")
+    ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"]
+    tokens = body["tokens"]
+    assert [t["id"] for t in tokens] == ids and [t["position"] for t in tokens] == list(range(len(ids)))
+    assert tokens[0]["text"] == "The" and tokens[1]["text"] == " cat"
+    assert all(t["text"] == text[t["start"] : t["end"]] for t in tokens)
+    codes = direct_codes(lm, checkpoint, ids)
+    for t, token in enumerate(tokens):
+        top, children = token["levels"]
+        expected = {
+            int(i): float(v) for i, v in zip(codes[0].indices[t], codes[0].values[t]) if i >= 0 and v > 0
+        }
+        assert {f["index"]: pytest.approx(f["value"], rel=1e-4, abs=1e-5) for f in top} == expected
+        assert [f["value"] for f in top] == sorted((f["value"] for f in top), reverse=True)
+        assert all(f["parent"] is None and f["parent_active"] is False for f in top)
+        assert all(f["parent"] == f["index"] // CHILDREN and f["parent_active"] for f in children)
+        assert len(top) <= K and len(children) <= K
+    summary = body["summary"]
+    assert summary and all(node["level"] == 0 for node in summary)
+    totals = [node["total_value"] for node in summary]
+    assert totals == sorted(totals, reverse=True)
+    for node in summary:
+        assert node["label"] == (f"root {node['index']}" if node["index"] % 2 == 0 else None)
+        active_on = sum(any(f["index"] == node["index"] for f in t["levels"][0]) for t in tokens)
+        assert node["token_count"] == active_on
+        assert all(
+            child["index"] // CHILDREN == node["index"] and child["level"] == 1 for child in node["children"]
+        )
+
+
+@pytest.mark.slow
+def test_concurrent_prompts_are_batched_with_the_same_answers(live_client, live_db):
+    prompts = ["The cat sat.", "Paris is the capital of France and a large city.", "Berlin", "the dog " * 10]
+    alone = [live_client.post(URL, json={"text": p}).json() for p in prompts]
+    app = create_app(app_settings(live_db, max_prompt_tokens=64, live_device="cpu", live_batch_size=8))
+
+    async def together():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            return await asyncio.gather(*(client.post(URL, json={"text": p}) for p in prompts))
+
+    answers = asyncio.run(together())
+    for single, response in zip(alone, answers):
+        assert response.status_code == 200
+        batched = response.json()
+        assert [t["id"] for t in batched["tokens"]] == [t["id"] for t in single["tokens"]]
+        for a, b in zip(single["tokens"], batched["tokens"]):
+            for level_a, level_b in zip(a["levels"], b["levels"]):
+                assert [f["index"] for f in level_a] == [f["index"] for f in level_b]
+                np.testing.assert_allclose(
+                    [f["value"] for f in level_a], [f["value"] for f in level_b], rtol=1e-3, atol=1e-4
+                )
+
+
+@pytest.mark.slow
+def test_prompt_limits_and_special_tokens(live_client, lm):
+    too_long = " word" * 65
+    body = assert_error(live_client.post(URL, json={"text": too_long}), 413, "prompt_too_long")
+    assert "65 tokens" in body["detail"] and "limit is 64" in body["detail"]
+    assert_error(live_client.post(URL, json={"text": "x" * 64 * 65}), 413, "prompt_too_long")
+    assert live_client.post(URL, json={"text": " word" * 64}).status_code == 200
+    special = live_client.post(URL, json={"text": "Hello <|endoftext|> world"}).json()
+    assert [t["text"] for t in special["tokens"]] == ["Hello", " ", " world"]
+    only_special = live_client.post(URL, json={"text": "<|endoftext|>"}).json()
+    assert only_special["tokens"] == [] and only_special["summary"] == []
+
+
+def test_live_request_errors(live_client):
+    for body in ({"text": ""}, {}, {"text": 5}, {"text": "a\x00b"}, {"text": "x", "extra": 1}):
+        assert_error(live_client.post(URL, json=body), 422, "invalid_request")
+    assert_error(live_client.post("/api/v1/runs/nope/activations", json={"text": "x"}), 404, "not_found")
+    body = assert_error(
+        live_client.post("/api/v1/runs/no-checkpoint/activations", json={"text": "x"}),
+        409,
+        "live_unavailable",
+    )
+    assert "no checkpoint path" in body["detail"]
+    body = assert_error(live_client.post("/api/v1/runs/moved/activations", json={"text": "x"}), 409)
+    assert "/nonexistent/run" in body["detail"]
+
+
+# ---- limits, with a slow stand-in model ------------------------------------------------------------------
+class SlowModel:
+    device = "cpu"
+    parents = [None, np.arange(8) // 2]
+
+    def __init__(self, delay: float):
+        self.delay = delay
+
+    def tokenize(self, text: str) -> list[PromptToken]:
+        tokens, start = [], 0
+        for word in text.split(" "):
+            tokens.append(PromptToken(len(word), start, start + len(word)))
+            start += len(word) + 1
+        return tokens
+
+    def encode(self, prompts: list[list[int]]) -> list[list[LevelCodes]]:
+        time.sleep(self.delay)
+        out = []
+        for prompt in prompts:
+            T = len(prompt)
+            top = LevelCodes(np.tile([[0, -1]], (T, 1)), np.tile([[1.0, 0.0]], (T, 1)).astype(np.float32))
+            low = LevelCodes(np.tile([[1, 7]], (T, 1)), np.tile([[0.5, 0.25]], (T, 1)).astype(np.float32))
+            out.append([top, low])
+        return out
+
+
+def slow_app(live_db: str, delay: float, **settings):
+    app = create_app(app_settings(live_db, **settings))
+    app.state.live = LiveService(app.state.settings, loader=lambda spec, device: SlowModel(delay))
+    return app
+
+
+async def post_all(app, n: int, text: str = "a b c") -> list[httpx.Response]:
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        return await asyncio.gather(
+            *(client.post(f"/api/v1/runs/{LIVE_RUN}/activations", json={"text": text}) for _ in range(n))
+        )
+
+
+def test_answer_shape_with_stand_in_model(live_db):
+    (response,) = asyncio.run(post_all(slow_app(live_db, 0.0), 1))
+    body = response.json()
+    assert [t["text"] for t in body["tokens"]] == ["a", "b", "c"]
+    assert body["tokens"][0]["levels"] == [
+        [{"index": 0, "value": 1.0, "parent": None, "parent_active": False}],
+        [
+            {"index": 1, "value": 0.5, "parent": 0, "parent_active": True},
+            {"index": 7, "value": 0.25, "parent": 3, "parent_active": False},
+        ],
+    ]
+    (root,) = body["summary"]
+    assert (root["index"], root["label"], root["token_count"], root["total_value"]) == (0, "root 0", 3, 3.0)
+    assert [(c["index"], c["token_count"], c["max_value"]) for c in root["children"]] == [(1, 3, 0.5)]
+
+
+def test_full_queue_answers_503_with_retry_after(live_db):
+    app = slow_app(live_db, 0.4, live_queue_size=1, live_batch_size=1, live_timeout_s=10)
+    responses = asyncio.run(post_all(app, 6))
+    statuses = sorted(r.status_code for r in responses)
+    assert statuses.count(200) >= 2 and 503 in statuses and set(statuses) <= {200, 503}, statuses
+    busy = next(r for r in responses if r.status_code == 503)
+    assert int(busy.headers["retry-after"]) >= 1 and busy.json()["error"] == "busy"
+
+
+def test_timeout_answers_504(live_db):
+    app = slow_app(live_db, 1.5, live_timeout_s=0.3)
+    (response,) = asyncio.run(post_all(app, 1))
+    body = assert_error(response, 504, "timeout")
+    assert "0.3 s" in body["detail"]
