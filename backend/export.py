@@ -27,6 +27,7 @@ from sqlalchemy import Row
 from sqlalchemy.orm import Session
 
 from backend import queries
+from backend.api import views
 from backend.api.schemas import ImportResult, SubtreeDocument, SubtreeNode
 from backend.db.session import open_database, session_factory
 from trainer.errors import HSAEError
@@ -54,17 +55,13 @@ class RunMismatchError(HSAEError):
 
 
 # ---- export ----------------------------------------------------------------------------------------------
+IDENTITY_FIELDS = ("name", "model", "layer", "hook", "arch", "checkpoint_digest", "level_widths", "n_tokens")
+
+
 def run_identity(run: Row) -> dict[str, Any]:
-    return {
-        "name": run.name,
-        "model": run.model_name,
-        "layer": run.layer,
-        "hook": run.hook,
-        "arch": run.arch,
-        "checkpoint_digest": run.checkpoint_digest,
-        "level_widths": list(run.level_widths),
-        "n_tokens": run.n_tokens,
-    }
+    """The run as the document names it: the API's run summary without what is local to one server."""
+    summary = views.run_summary(run)
+    return {key: summary[key] for key in IDENTITY_FIELDS}
 
 
 def build_subtree(
