@@ -303,12 +303,6 @@ class ShardSource:
         """(context, position) of rows [start, stop)."""
         return self._read(self.rows, start, stop)
 
-    def sequential(self, chunk_rows: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """(activations [n, D], (context, position) [n, 2]) in corpus order, for indexing and evaluation."""
-        for start in range(0, self.num_rows, chunk_rows):
-            stop = min(start + chunk_rows, self.num_rows)
-            yield self.read(start, stop), self.read_meta(start, stop)
-
     def epoch_order(self, seed: int, epoch: int) -> np.ndarray:
         """Row order of one epoch: blocks of contiguous rows in random order, shuffled within windows of blocks.
 

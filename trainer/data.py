@@ -21,6 +21,10 @@ class ActivationSource(Protocol):
         """Endless float32 [B, D] batches; the first `start_step` batches are skipped exactly."""
         ...
 
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) in order, as float32 (evaluation and encoding walk the data with it)."""
+        ...
+
 
 def epoch_permutation(num_rows: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(num_rows)
@@ -36,6 +40,9 @@ class TensorSource:
             raise ValueError(f"activations must be a 2-D [N, d] matrix, got shape {tuple(rows_ND.shape)}")
         self.rows_ND = rows_ND
         self.num_rows, self.d_in = rows_ND.shape
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        return np.asarray(self.rows_ND[start:stop], dtype=np.float32)
 
     def batches(self, batch_size: int, *, seed: int, start_step: int = 0) -> Iterator[torch.Tensor]:
         if batch_size > self.num_rows:

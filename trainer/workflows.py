@@ -109,12 +109,12 @@ def corpus_ce_loss(lm: LanguageModel, tokens_CT: np.ndarray):
 
 def run_eval(run_dir: Path, corpus: str | None, activations: str | None, tokens: int, device: str,
              baseline: Path | None) -> tuple[dict[str, Any], str]:
-    model, cfg = checkpoint.load_checkpoint(run_dir, device=_device(device))
+    model, cfg = checkpoint.load_checkpoint(run_dir, device=resolve_device(device))
     opened, skip = _eval_data(run_dir, cfg, corpus, activations, tokens, device)
     if opened.source.d_in != model.d_in:
         raise HSAEError(f"the evaluation activations have width {opened.source.d_in}, the run expects {model.d_in}")
     n = min(tokens, opened.source.num_rows - skip)
-    batches = (torch.from_numpy(_rows(opened, lo, min(lo + 4096, skip + n))) for lo in range(skip, skip + n, 4096))
+    batches = (torch.from_numpy(opened.source.read(lo, min(lo + 4096, skip + n))) for lo in range(skip, skip + n, 4096))
     metrics = evaluate(model, batches)
     edge_stats = metrics.pop("edge_stats")
     metrics["data"] = {**opened.data_info, "eval_rows": [skip, skip + n], "held_out": skip > 0}
@@ -135,17 +135,6 @@ def run_eval(run_dir: Path, corpus: str | None, activations: str | None, tokens:
     return metrics, table
 
 
-def _rows(opened: OpenedData, start: int, stop: int) -> np.ndarray:
-    source = opened.source
-    if hasattr(source, "read"):
-        return source.read(start, stop)
-    return np.asarray(source.rows_ND[start:stop], dtype=np.float32)
-
-
-def _device(device: str) -> torch.device:
-    return resolve_device(device)
-
-
 def run_encode(run_dir: Path, corpus: str | None, activations: str | None, tokens: int, device: str,
                out: Path) -> dict[str, Any]:
     """Contract 1: per level i, level_{i}_indices (int64, -1 = unused slot) and level_{i}_values, [N, K_i];
@@ -156,7 +145,7 @@ def run_encode(run_dir: Path, corpus: str | None, activations: str | None, token
         raise HSAEError("give exactly one of --activations FILE or --corpus SPEC")
     if out.suffix != ".safetensors":
         raise HSAEError(f"--out must end in .safetensors, got {out.name}")
-    model, cfg = checkpoint.load_checkpoint(run_dir, device=_device(device))
+    model, cfg = checkpoint.load_checkpoint(run_dir, device=resolve_device(device))
     model_info = cfg.get("model") or {}
     if corpus is not None and not model_info.get("name"):
         raise HSAEError(f"{run_dir} was trained without a language model: encode it with --activations FILE")
@@ -169,7 +158,7 @@ def run_encode(run_dir: Path, corpus: str | None, activations: str | None, token
     parts: list[list[torch.Tensor]] = [[] for _ in range(2 * len(model.level_widths))]
     with torch.no_grad():
         for lo in range(0, n, 4096):
-            x = torch.from_numpy(_rows(opened, lo, min(lo + 4096, n))).to(next(model.parameters()).device)
+            x = torch.from_numpy(opened.source.read(lo, min(lo + 4096, n))).to(next(model.parameters()).device)
             for i, code in enumerate(model.encode(x)):
                 parts[2 * i].append(code.indices.cpu())
                 parts[2 * i + 1].append(code.values.float().cpu())
