@@ -119,7 +119,7 @@ def run_eval(run_dir: Path, corpus: str | None, activations: str | None, tokens:
     edge_stats = metrics.pop("edge_stats")
     metrics["data"] = {**opened.data_info, "eval_rows": [skip, skip + n], "held_out": skip > 0}
     if opened.lm is not None and opened.cache is not None:
-        contexts = opened.cache.contexts(None).token_ids_CT
+        contexts = opened.cache.contexts(skip + tokens).token_ids_CT
         first = int(opened.source.read_meta(skip, skip + 1)[0, 0]) if skip else 0
         chosen = contexts[first : first + CE_CONTEXTS]
         metrics["ce"] = ce_loss_recovered(corpus_ce_loss(opened.lm, chosen), model)
@@ -168,7 +168,7 @@ def run_encode(run_dir: Path, corpus: str | None, activations: str | None, token
         tensors[f"level_{i}_values"] = torch.cat(parts[2 * i + 1]).contiguous()
     if opened.cache is not None:
         meta = opened.source.read_meta(0, n).astype(np.int64)
-        contexts = opened.cache.contexts(None).token_ids_CT
+        contexts = opened.cache.contexts(tokens).token_ids_CT
         tensors["context_position"] = torch.from_numpy(meta)
         tensors["token_ids"] = torch.from_numpy(contexts[meta[:, 0], meta[:, 1]].astype(np.int64))
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,7 @@ so indexing right after training on the same corpus runs no language model forwa
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,7 +101,7 @@ def index_checkpoint(
         raise HSAEError(f"{model_info['name']} has width {lm.d_model}, the checkpoint expects {model.d_in}")
     cache = ActivationCache(lm, corpus, context_len)
     source = cache.ensure(tokens)
-    contexts = cache.contexts(None)
+    contexts = cache.contexts(tokens)  # what ensure() just used; None would tokenize the whole corpus
     doc_ids = np.asarray(contexts.doc_ids, dtype=object)
 
     acc = IndexAccumulator(model.level_widths, model.edges(), config or IndexConfig())
@@ -172,6 +173,4 @@ def _encode(model, acts_ND: np.ndarray, device: torch.device) -> list[tuple[np.n
 
 
 def _read_json(path: Path):
-    import json
-
     return json.loads(path.read_text()) if path.is_file() else None
