@@ -72,11 +72,22 @@ class ArchConfig:
     """`tree`: probability that an active parent's contribution is replaced by the sum of its children's."""
 
     reassign_every: int | None = None
-    """`tree`: optimizer steps between re-assignments of every child to its most encoder-similar parent; the
-    first assignment happens then too. None = the paper's 5000, or a tenth of the run if that is shorter."""
+    """`tree`: optimizer steps between re-assignments of every child to its best parent (see `assign_by`);
+    the first assignment happens then too. None = the paper's 5000, or a tenth of the run if shorter."""
+
+    assign_by: Literal["coactivation", "encoder", "decoder"] = "coactivation"
+    """`tree`: how a child picks its parent at each re-assignment: the parent it fires with most often
+    (P(parent | child) over `reassign_tokens` training rows encoded by the current model), or the parent
+    whose encoder (the paper's main text) or decoder vector is most cosine-similar. The paper's ablation
+    found the three equivalent; on the synthetic hierarchy of the tests co-activation gives the better tree."""
+
+    reassign_tokens: int = 16384
+    """`tree` with `assign_by=coactivation`: training rows encoded to count co-activations at each
+    re-assignment (all rows if there are fewer)."""
 
     unassigned_fraction: float = 0.2
-    """`tree`: the fraction of children with the lowest best-parent similarity that stay unassigned."""
+    """`tree`: the fraction of children with the lowest best-parent score (P(parent | child) or cosine) that
+    stay unassigned; children that never fired with any parent stay unassigned too."""
 
     l1_coef: float = 1e-3
     """`moe`: L1 penalty on parent and child codes (warmed up)."""
@@ -126,6 +137,11 @@ class ArchConfig:
                 self.reassign_every is None or self.reassign_every >= 1,
                 f"reassign_every must be >= 1, got {self.reassign_every}",
             )
+            _check(
+                self.assign_by in ("coactivation", "encoder", "decoder"),
+                f"assign_by must be coactivation, encoder or decoder, got {self.assign_by!r}",
+            )
+            _check(self.reassign_tokens >= 1, f"reassign_tokens must be >= 1, got {self.reassign_tokens}")
             _check(
                 0 <= self.unassigned_fraction < 1,
                 f"unassigned_fraction must be in [0, 1), got {self.unassigned_fraction}",

@@ -95,14 +95,28 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _draw_sample(source: ActivationSource, batch_size: int, seed: int) -> torch.Tensor:
+def _draw_sample(
+    source: ActivationSource, batch_size: int, seed: int, tokens: int = NORM_SAMPLE_TOKENS
+) -> torch.Tensor:
+    """About `tokens` rows (all of them if there are fewer), in the source's own shuffled order for `seed`."""
     batch_size = min(batch_size, source.num_rows)
     batches = source.batches(batch_size, seed=seed + _SAMPLE_SEED_OFFSET)
-    n = max(1, math.ceil(min(NORM_SAMPLE_TOKENS, source.num_rows) / batch_size))
+    n = max(1, math.ceil(min(tokens, source.num_rows) / batch_size))
     sample = torch.cat([next(batches) for _ in range(n)])
     if not bool(torch.isfinite(sample).all()):
         raise TrainingError("the activations contain NaN or inf values (seen in the normalisation sample)")
     return sample
+
+
+def _reassign_sample(
+    model: HSAE, source: ActivationSource, cfg: TrainConfig, step: int, device: torch.device
+) -> torch.Tensor | None:
+    """The rows a re-assignment at `step` looks at: a function of (seed, step) only, so a resumed run
+    re-assigns exactly as an uninterrupted one; None when the architecture wants no data."""
+    tokens = model.reassign_tokens()
+    if not tokens:
+        return None
+    return _draw_sample(source, cfg.batch_size, cfg.seed + step, tokens).to(device)
 
 
 def make_optimizer(model: HSAE, cfg: TrainConfig, total_steps: int):
@@ -237,6 +251,8 @@ def train(
                 raise TrainingDiverged(f"{err}; training stopped, {kept} {hint}") from None
             tracker.update(out.codes)
             done = step + 1
+            if model.reassign_due(done):
+                model.reassign(_reassign_sample(model, source, cfg, done, device))
             if done % cfg.log_every == 0 or done == total:
                 now = time.perf_counter()
                 logs = _step_logs(out, loss, grad_norm, tracker, scheduler, done, cfg.batch_size)

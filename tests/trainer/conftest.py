@@ -36,5 +36,6 @@ def prepared(arch, rows):
     model = build_model(tiny_arch_config(arch), D_IN, seed=0)
     model.prepare(torch.from_numpy(rows[:512]))
     if arch == "tree":
-        model.reassign()  # training makes its first tree at step `reassign_every`; the tests want one now
+        # training makes its first tree at step `reassign_every`; the tests want one now
+        model.reassign(torch.from_numpy(rows))
     return model

@@ -23,6 +23,8 @@ from trainer.config import ArchConfig, ConfigError, RunConfig, TrainConfig
         (dict(arch="tree", levels=[8, 16], perturb_rate=1.0), "perturb_rate must be in"),
         (dict(arch="tree", levels=[8, 16], unassigned_fraction=-0.1), "unassigned_fraction must be in"),
         (dict(arch="tree", levels=[8, 16], reassign_every=0), "reassign_every must be >= 1"),
+        (dict(arch="tree", levels=[8, 16], assign_by="random"), "assign_by must be coactivation, encoder or"),
+        (dict(arch="tree", levels=[8, 16], reassign_tokens=0), "reassign_tokens must be >= 1"),
         (dict(arch="moe", l1_coef=-1.0), "l1_coef must be >= 0"),
     ],
 )

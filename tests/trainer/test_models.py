@@ -7,9 +7,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from tests.trainer.helpers import D_IN, tiny_arch_config
-from trainer.models import build_model
+from trainer.models import LevelCode, build_model
 from trainer.models.base import unit_rows
 from trainer.models.moe import cross_orthogonality, grouped_matvec
+from trainer.models.tree import CoFiring
 
 
 def test_codes_have_the_documented_layout(prepared, rows):
@@ -73,7 +74,7 @@ def test_edges_describe_the_structure():
     assert len(edges) == 16 * 4
     assert all(parent == (0, child // 4) and level == 1 for parent, (level, child) in edges)
     assert build_model(tiny_arch_config("topk"), D_IN, seed=0).edges() == []
-    tree = build_model(tiny_arch_config("tree"), D_IN, seed=0)
+    tree = build_model(tiny_arch_config("tree", assign_by="encoder"), D_IN, seed=0)
     tree.reassign()
     edges = tree.edges()
     for level, width in ((1, 24), (2, 48)):
@@ -82,15 +83,112 @@ def test_edges_describe_the_structure():
         assert sum(1 for _, (lv, _) in edges if lv == level) == assigned
 
 
-def test_tree_assigns_children_to_their_most_similar_parent():
-    tree = build_model(tiny_arch_config("tree", unassigned_fraction=0.0), D_IN, seed=0)
+@pytest.mark.parametrize("assign_by", ["encoder", "decoder"])
+def test_tree_assigns_children_to_their_most_similar_parent(assign_by):
+    tree = build_model(tiny_arch_config("tree", unassigned_fraction=0.0, assign_by=assign_by), D_IN, seed=0)
     with torch.no_grad():
-        parents = tree.saes[0].W_enc_DF  # [D, 12]
-        child_enc = tree.saes[1].W_enc_DF
+        parents, children = tree.saes[0], tree.saes[1]
         owner = torch.arange(24) % 12
-        child_enc.copy_(parents[:, owner] + 0.05 * torch.randn(D_IN, 24))
+        if assign_by == "encoder":
+            children.W_enc_DF.copy_(parents.W_enc_DF[:, owner] + 0.05 * torch.randn(D_IN, 24))
+        else:
+            children.W_dec_FD.copy_(parents.W_dec_FD[owner] + 0.05 * torch.randn(24, D_IN))
     tree.reassign()
     assert torch.equal(tree.parent_of(1), owner)
+
+
+HALF = D_IN // 2
+
+
+def _owned_children_tree(**overrides):
+    """A 2-level tree on data that lives in the first HALF dimensions. Child c reads there what parent c % 6
+    reads, scaled 1.2 (c < 6) or 1.1 (c ≥ 6), so it fires only with that parent; in the other half, which the
+    data never touches, its encoder is 10× parent (c + 1) % 6's, so by encoder cosine it belongs there."""
+    config = {**dict(levels=[6, 12], level_k=[2, 2], unassigned_fraction=0.0), **overrides}
+    tree = build_model(tiny_arch_config("tree", **config), D_IN, seed=0)
+    owner = torch.arange(12) % 6
+    with torch.no_grad():
+        for sae in tree.saes:
+            sae.b_enc_F.zero_()
+            sae.b_dec_D.zero_()
+        parents_DP = tree.saes[0].W_enc_DF
+        children_DF = tree.saes[1].W_enc_DF
+        children_DF[:HALF] = parents_DP[:HALF, owner] * torch.where(torch.arange(12) < 6, 1.2, 1.1)
+        children_DF[HALF:] = parents_DP[HALF:, (owner + 1) % 6] * 10
+    x = torch.zeros(4096, D_IN)
+    x[:, :HALF] = torch.randn(4096, HALF, generator=torch.Generator().manual_seed(0)) * 3
+    return tree, owner, x
+
+
+def _coactivation_scores(tree, x) -> tuple[torch.Tensor, torch.Tensor]:
+    """Brute force over dense masks: co-firing counts [children, parents] and each child's firing count."""
+    codes = tree.encode(x)
+    on_p = torch.zeros(len(x), 6, dtype=torch.bool)
+    on_c = torch.zeros(len(x), 12, dtype=torch.bool)
+    for on, code in ((on_p, codes[0]), (on_c, codes[1])):
+        rows, cols = (code.indices >= 0).nonzero(as_tuple=True)
+        on[rows, code.indices[rows, cols]] = True
+    return on_c.T.long() @ on_p.long(), on_c.sum(0)
+
+
+@pytest.fixture(params=["dense", "sparse"])
+def counting(request, monkeypatch):
+    """Both ways the co-firing counts are kept (dense below CoFiring.DENSE_PAIRS_MAX pairs, sparse above)."""
+    if request.param == "sparse":
+        monkeypatch.setattr(CoFiring, "DENSE_PAIRS_MAX", 0)
+    return request.param
+
+
+def test_tree_coactivation_assignment_follows_who_fires_with_whom(counting):
+    tree, owner, x = _owned_children_tree()
+    tree.reassign(x)
+    co_CP, fired_C = _coactivation_scores(tree, x)
+    parent_of = tree.parent_of(1)
+    for child in range(12):
+        if co_CP[child].sum() == 0:
+            assert parent_of[child] == -1  # never fired with a parent: unassigned, even with fraction 0
+        else:
+            assert parent_of[child] == int(co_CP[child].argmax())  # most co-firings (ties: lowest index)
+    assert (parent_of >= 0).sum() >= 6, "the test needs children that fire"
+    assert torch.equal(parent_of[parent_of >= 0], owner[parent_of >= 0])
+    by_cosine = build_model(tiny_arch_config("tree", levels=[6, 12], level_k=[2, 2], assign_by="encoder",
+                                             unassigned_fraction=0.0), D_IN, seed=0)
+    by_cosine.load_state_dict(tree.state_dict())
+    by_cosine.reassign()
+    assert torch.equal(by_cosine.parent_of(1), (owner + 1) % 6)  # the rule, not the data, made the difference
+
+
+def test_tree_coactivation_assignment_leaves_the_least_faithful_children_unassigned(counting):
+    tree, _, x = _owned_children_tree(unassigned_fraction=0.25)
+    with torch.no_grad():  # children 0-2 also fire without their parent now and then
+        tree.saes[1].b_enc_F[:3] = 2.0
+    tree.reassign(x)
+    co_CP, fired_C = _coactivation_scores(tree, x)
+    score = torch.where(fired_C > 0, co_CP.max(1).values / fired_C.clamp(min=1), -1.0)
+    unassigned = tree.parent_of(1) == -1
+    assert unassigned.sum() >= 3  # int(0.25 * 12), plus any child that never fired
+    assert score[unassigned].max() < score[~unassigned].min()
+
+
+def test_cofiring_dense_and_sparse_counts_agree_on_random_codes(monkeypatch):
+    generator = torch.Generator().manual_seed(0)
+    parents = LevelCode(torch.randint(-1, 7, (300, 3), generator=generator), torch.ones(300, 3))
+    children = LevelCode(torch.randint(-1, 20, (300, 4), generator=generator), torch.ones(300, 4))
+    answers = []
+    for limit in (CoFiring.DENSE_PAIRS_MAX, 0):
+        monkeypatch.setattr(CoFiring, "DENSE_PAIRS_MAX", limit)
+        counter = CoFiring(7, 21, torch.device("cpu"))  # child 20 never fires
+        for start in (0, 100, 200):
+            counter.update(*(LevelCode(c.indices[start : start + 100], c.values) for c in (parents, children)))
+        answers.append(counter.best_parents())
+    assert (counter.dense is None) and answers[0][0][20] == -1 and answers[0][1][20] == -1
+    torch.testing.assert_close(answers[0], answers[1], rtol=0, atol=0)
+
+
+def test_tree_coactivation_assignment_needs_data():
+    tree = build_model(tiny_arch_config("tree"), D_IN, seed=0)
+    with pytest.raises(ValueError, match="needs a sample"):
+        tree.reassign()
 
 
 # ---- moe: children only for the k active parents ----------------------------------------------------------
@@ -183,7 +281,7 @@ def test_cross_orthogonality_matches_the_definition():
 
 # ---- tree --------------------------------------------------------------------------------------------------
 def test_tree_tie_loss_equals_the_dense_formula():
-    model = build_model(tiny_arch_config("tree"), D_IN, seed=0)
+    model = build_model(tiny_arch_config("tree", assign_by="encoder"), D_IN, seed=0)
     model.reassign()
     x = torch.randn(50, D_IN)
     codes = model.encode(x)
@@ -204,7 +302,7 @@ def test_tree_tie_loss_equals_the_dense_formula():
 
 
 def test_tree_perturbation_swaps_parents_for_their_children(monkeypatch):
-    model = build_model(tiny_arch_config("tree", perturb_rate=0.5), D_IN, seed=0)
+    model = build_model(tiny_arch_config("tree", perturb_rate=0.5, assign_by="encoder"), D_IN, seed=0)
     model.reassign()
     x = torch.randn(64, D_IN)
     codes = model.encode(x)

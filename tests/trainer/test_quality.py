@@ -13,13 +13,12 @@ so its direction is that of the mean reconstruction it and its parent give while
 
 Measured (data seed 0, model seed 0; in brackets the range over 4 seed pairs: (0,0), (1,0), (0,1), (2,2)):
   moe    edge precision 0.99 [0.96-1.00], recall 0.81 [0.77-0.83]; P(parent|child) 1, Hamming 0 by design
-  tree   edge precision 0.93 [0.93-0.98], recall 0.83 [0.73-0.91];
-         own tree:           P(parent|child) 0.907 [0.871-0.949], Hamming (Jaccard) 0.142 [0.062-0.263]
-         co-activation tree: P(parent|child) 0.972 [0.954-0.989], Hamming (Jaccard) 0.085 [0.027-0.142]
+  tree   edge precision 0.98 [0.98-1.00], recall 0.86 [0.73-0.92]  (the defaults: co-activation re-assignment)
+         own tree:           P(parent|child) 0.975 [0.943-0.989], Hamming (Jaccard) 0.071 [0.030-0.164]
   topk + posthoc (co-activation tree): P(parent|child) 0.956 [0.940-0.981], Hamming 0.109 [0.036-0.170]
-So the jointly trained levels are more hierarchical than independent ones (judged with the same kind of
-tree: P(parent|child) higher in 4 of 4 seed pairs, Hamming lower in 3 of 4), but the paper's encoder-cosine
-assignment loses more than that gain at this scale: the tree's own hierarchy lost to the baseline in 4 of 4.
+The tree's own hierarchy beats the baseline on both in 3 of 4 seed pairs; in (1,0) it loses narrowly
+(0.973 vs 0.981, 0.041 vs 0.036). With the paper's encoder-cosine re-assignment it lost in 4 of 4
+(P(parent|child) 0.907 [0.871-0.949], Hamming 0.142 [0.062-0.263]), and so did decoder cosine.
 """
 
 from __future__ import annotations
@@ -120,7 +119,7 @@ def test_tree_recovers_the_true_tree(tree, truth):
     parents = match_features(tree.decoder_directions(0), truth.parent_dirs_PD, PARENT_MATCH)
     children = match_features(tree.decoder_directions(1), truth.child_dirs_CD, CHILD_MATCH)
     precision, recall = edge_recovery(tree.edges(), parents, children, truth)
-    assert precision >= 0.85 and recall >= 0.65, (precision, recall)
+    assert precision >= 0.9 and recall >= 0.7, (precision, recall)
 
 
 def test_baseline_recovers_features_but_not_structure_by_itself(baseline, truth):
@@ -151,13 +150,9 @@ def test_moe_hierarchy_beats_independent_saes_with_a_posthoc_tree(moe, truth, ba
     assert ours["p_any_child_given_parent"] == 1.0
 
 
-@pytest.mark.xfail(
-    reason="Known gap, measured: with TopK levels and the paper's encoder-cosine tree, at this scale the "
-    "tree HSAE's own hierarchy is worse than independent SAEs + co-activation tree (P(parent|child) 0.907 "
-    "vs 0.956, Hamming 0.142 vs 0.109; it lost on both in 4 of 4 seed pairs)",
-    strict=False,
-)
 def test_tree_hierarchy_beats_independent_saes_with_a_posthoc_tree(tree, truth, baseline):
+    """The tree the model trains with (co-activation re-assignment, constraint, perturbation) against the
+    same kind of tree drawn over two independently trained SAEs."""
     ours = own_stats(tree, truth)[0].summary()
     theirs = baseline[2].summary()
     assert ours["p_parent_given_child"] > theirs["p_parent_given_child"]

@@ -206,6 +206,18 @@ class HSAE(nn.Module):
         for param, dim in self.unit_norm_params():
             param.copy_(unit_rows(param, dim))
 
+    def reassign_due(self, step: int) -> bool:
+        """Whether the training loop should call `reassign` after `step` optimizer steps (a tree that is
+        rebuilt from time to time, as the Tree HSAE's is)."""
+        return False
+
+    def reassign_tokens(self) -> int:
+        """How many training rows `reassign` wants to see (0: it needs none)."""
+        return 0
+
+    def reassign(self, sample_raw_ND: Tensor | None = None) -> None:
+        """Rebuilds the architecture's tree, from `reassign_tokens()` raw training rows when it wants any."""
+
     # ---- checkpoint ----------------------------------------------------------------------------------
     def to_checkpoint(self) -> tuple[dict[str, Any], dict[str, Tensor]]:
         state = {name: t.detach().cpu().contiguous() for name, t in self.state_dict().items()}
