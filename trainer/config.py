@@ -215,6 +215,10 @@ class TrainConfig:
     seed: int = 0
     """Seeds the initialisation, the data order and the tree's random perturbations."""
 
+    max_norm_multiple: float | None = 10.0
+    """Rows whose norm exceeds this multiple of the median norm (of the normalisation sample) are skipped:
+    the rare massive activations of attention sinks (see trainer/outliers.py). None keeps every row."""
+
     checkpoint_every: int = 1000
     """Steps between checkpoints (one is always written at the end); 0 = only at the end."""
 
@@ -236,6 +240,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         _check(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        _check(
+            self.max_norm_multiple is None or self.max_norm_multiple > 1,
+            f"max_norm_multiple must be > 1 (a multiple of the median norm), got {self.max_norm_multiple}",
+        )
         _check(self.steps is None or self.steps >= 1, f"steps must be >= 1, got {self.steps}")
         _check(
             self.warmup_steps is None or self.warmup_steps >= 0,

@@ -7,6 +7,7 @@ moe — level 0 the parents alone, level 1 parents and children; tree — level 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -15,6 +16,7 @@ from torch import Tensor
 
 from trainer.hierarchy import HierarchyStats
 from trainer.models import HSAE
+from trainer.outliers import inliers
 
 ReplaceFn = Callable[[Tensor], Tensor]
 HIERARCHY_ROWS = (
@@ -30,8 +32,10 @@ def evaluate(
     *,
     max_tokens: int | None = None,
     device: str | torch.device | None = None,
+    max_norm: float = math.inf,
 ) -> dict[str, Any]:
-    """Metrics over raw activations [B, D] from `batches` (stops after `max_tokens`).
+    """Metrics over raw activations [B, D] from `batches` (stops after `max_tokens`); rows with a norm above
+    `max_norm` (massive activations, see trainer/outliers.py) are counted in "outlier_rows" and left out.
 
     Returns {"tokens", "arch", "levels": [{"level", "width", "explained_variance", "mse", "l0",
     "dead_fraction"}], "explained_variance" (finest level), "hierarchy": summary, "edge_stats": one dict per
@@ -46,13 +50,17 @@ def evaluate(
     active = torch.zeros(n_levels, dtype=torch.float64)
     sum_x = torch.zeros(model.d_in, dtype=torch.float64)
     sum_sq = torch.zeros((), dtype=torch.float64)
-    tokens = 0
+    tokens = tokens_read = 0
     for x_raw_BD in batches:
-        if max_tokens is not None and tokens >= max_tokens:
+        if max_tokens is not None and tokens_read >= max_tokens:
             break
         if max_tokens is not None:
-            x_raw_BD = x_raw_BD[: max_tokens - tokens]
+            x_raw_BD = x_raw_BD[: max_tokens - tokens_read]
         x_raw_BD = x_raw_BD.to(device=device, dtype=torch.float32)
+        tokens_read += x_raw_BD.shape[0]
+        x_raw_BD = x_raw_BD[inliers(x_raw_BD, max_norm)]
+        if x_raw_BD.shape[0] == 0:
+            continue
         codes = model.encode(x_raw_BD)
         _, scale_B1 = model.normalize(x_raw_BD)
         for level in range(n_levels):
@@ -81,6 +89,7 @@ def evaluate(
         )
     return {
         "tokens": tokens,
+        "outlier_rows": tokens_read - tokens,
         "arch": model.arch,
         "levels": levels,
         "explained_variance": levels[-1]["explained_variance"],
@@ -89,30 +98,39 @@ def evaluate(
     }
 
 
-def sae_replacement(model: HSAE, level: int | None = None) -> ReplaceFn:
-    """Maps a layer's hidden states [B, T, D] to the model's reconstruction (levels 0..`level`)."""
+def sae_replacement(model: HSAE, level: int | None = None, max_norm: float = math.inf) -> ReplaceFn:
+    """Maps a layer's hidden states [B, T, D] to the model's reconstruction (levels 0..`level`); states with a
+    norm above `max_norm` (massive activations, left out of training) pass through unchanged."""
 
     @torch.no_grad()
     def replace(hidden_BTD: Tensor) -> Tensor:
         device = next(model.parameters()).device
         flat = hidden_BTD.reshape(-1, hidden_BTD.shape[-1]).to(device=device, dtype=torch.float32)
-        out = model.reconstruct(flat, level)
+        out = torch.where(inliers(flat, max_norm).unsqueeze(-1), model.reconstruct(flat, level), flat)
         return out.reshape(hidden_BTD.shape).to(device=hidden_BTD.device, dtype=hidden_BTD.dtype)
 
     return replace
 
 
-def ce_loss_recovered(ce_loss: Callable[[ReplaceFn | None], float], model: HSAE) -> dict[str, Any]:
+def ce_loss_recovered(
+    ce_loss: Callable[[ReplaceFn | None], float], model: HSAE, max_norm: float = math.inf
+) -> dict[str, Any]:
     """CE loss score per level: (CE_zero − CE_sae) / (CE_zero − CE_clean).
 
     `ce_loss(replace_fn)` runs the language model over a fixed evaluation set with the hooked layer's hidden
     states replaced by `replace_fn(h)` (None = untouched) and returns the mean next-token cross-entropy.
+    States above `max_norm` are kept unchanged both in the SAE's replacement and in the zero ablation, so the
+    score covers the same positions (as for the BOS, which neither replaces).
     """
+
+    def zero_ablation(hidden_BTD: Tensor) -> Tensor:
+        return torch.where(inliers(hidden_BTD, max_norm).unsqueeze(-1), 0, hidden_BTD)
+
     clean = float(ce_loss(None))
-    zero = float(ce_loss(torch.zeros_like))
+    zero = float(ce_loss(zero_ablation))
     levels = []
     for level in range(len(model.level_widths)):
-        with_sae = float(ce_loss(sae_replacement(model, level)))
+        with_sae = float(ce_loss(sae_replacement(model, level, max_norm)))
         score = (zero - with_sae) / (zero - clean) if zero != clean else float("nan")
         levels.append({"level": level, "ce_loss": with_sae, "ce_loss_score": score})
     final = levels[-1]["ce_loss_score"]
@@ -121,6 +139,8 @@ def ce_loss_recovered(ce_loss: Callable[[ReplaceFn | None], float], model: HSAE)
 
 def _rows(metrics: dict[str, Any]) -> list[tuple[str, float | int | None]]:
     rows: list[tuple[str, float | int | None]] = [("tokens", metrics.get("tokens"))]
+    if "outliers" in metrics:
+        rows.append(("outlier rows left out", metrics["outliers"]["rows"]))
     for level in metrics.get("levels", []):
         i = level["level"]
         rows += [

@@ -22,6 +22,7 @@ from trainer.config import ConfigError, TrainConfig
 from trainer.data import ActivationSource
 from trainer.errors import HSAEError
 from trainer.models import HSAE, LevelCode, StepOutput
+from trainer.outliers import inliers, norm_threshold
 
 LOG_FILE = "train_log.jsonl"
 NORM_SAMPLE_TOKENS = 8192  # tokens used to fit the input normalisation and data-dependent init
@@ -190,9 +191,13 @@ def train(
         if not resume:
             raise ConfigError(f"{run_dir} already holds a checkpoint; resume it or choose another directory")
         train_state = _restore(model, run_dir, cfg)
-    else:
+    # a function of (source, seed) only, so a resumed run skips exactly the rows the first one did
+    sample = _draw_sample(source, cfg.batch_size, cfg.seed)
+    max_norm = norm_threshold(sample, cfg.max_norm_multiple)
+    if train_state is None:
         torch.manual_seed(cfg.seed)
-        model.prepare(_draw_sample(source, cfg.batch_size, cfg.seed))
+        model.prepare(sample[inliers(sample, max_norm)])
+    del sample
     model.to(device).train()
     model.start_training(total)
     optimizer, scheduler = make_optimizer(model, cfg, total)
@@ -221,6 +226,7 @@ def train(
             "total_steps": total,
             "warmup_steps": cfg.resolved_warmup(total),
             "tokens_seen": step * cfg.batch_size,
+            "max_norm": max_norm if math.isfinite(max_norm) else None,
             "finished": step >= total,
             "adam_betas": list(cfg.adam_betas or model.default_betas),
         }
@@ -238,6 +244,9 @@ def train(
     try:
         for step in range(start, total):
             x_BD = next(batches).to(device, non_blocking=True)
+            keep_B = inliers(x_BD, max_norm)
+            if not bool(keep_B.all()) and bool(keep_B.any()):
+                x_BD = x_BD[keep_B]
             try:
                 out, loss, grad_norm = train_step(
                     model, optimizer, scheduler, x_BD, step, tracker.dead_masks(),

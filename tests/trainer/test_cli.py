@@ -49,6 +49,7 @@ def test_train_eval_encode_on_an_activations_file(tmp_path, acts_file):
     assert proc.returncode == 0, proc.stderr
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["tokens"] == 1000 and metrics["levels"][0]["l0"] == pytest.approx(4.0)
+    assert metrics["outliers"]["rows"] == 0 and metrics["outliers"]["max_norm_multiple"] == 10.0
     assert "explained variance" in proc.stdout
 
     codes = tmp_path / "codes.safetensors"

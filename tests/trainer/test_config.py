@@ -56,6 +56,7 @@ def test_defaults_are_resolved_per_architecture():
     "kwargs, message",
     [
         (dict(batch_size=0), "batch_size must be >= 1"),
+        (dict(max_norm_multiple=1.0), "max_norm_multiple must be > 1"),
         (dict(lr=0), "lr must be > 0"),
         (dict(steps=0), "steps must be >= 1"),
         (dict(adam_betas=(0.9, 1.0)), "adam_betas must be two numbers"),

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tests.trainer.helpers import D_IN, tiny_arch_config
-from trainer.evaluate import ce_loss_recovered, evaluate, format_metrics
+from trainer.evaluate import ce_loss_recovered, evaluate, format_metrics, sae_replacement
 from trainer.hierarchy import CoactivationCounts, HierarchyStats, posthoc_tree
 from trainer.models import LevelCode, build_model
 
@@ -109,3 +109,45 @@ def test_ce_loss_recovered_hook():
     result = ce_loss_recovered(ce_loss, model)
     assert result["ce_clean"] == 2.0 and result["ce_zero"] == 10.0
     assert result["ce_loss_score"] == pytest.approx((10 - 4) / (10 - 2))
+
+
+def test_evaluate_leaves_massive_activations_out(rows):
+    model = build_model(tiny_arch_config("moe"), D_IN, seed=0)
+    x = torch.from_numpy(rows[:900])
+    model.prepare(x[:512])
+    massive = torch.arange(900) % 10 == 3
+    blown = torch.where(massive.unsqueeze(-1), x * 300, x)
+    threshold = 10 * float(blown.norm(dim=-1).median())
+    with_them = evaluate(model, blown.split(256), max_norm=threshold)
+    without = evaluate(model, x[~massive].split(256))
+    assert with_them["outlier_rows"] == 90 and with_them["tokens"] == 810 and without["outlier_rows"] == 0
+    for a, b in zip(with_them["levels"], without["levels"]):
+        assert a["explained_variance"] == pytest.approx(b["explained_variance"], abs=1e-6)
+        assert a["l0"] == pytest.approx(b["l0"])
+    assert with_them["hierarchy"] == without["hierarchy"]
+    kept_in = evaluate(model, blown.split(256))  # the default keeps every row: the massive ones dominate
+    assert kept_in["tokens"] == 900 and kept_in["explained_variance"] != pytest.approx(
+        without["explained_variance"], abs=1e-3
+    )
+
+
+def test_replacement_and_zero_ablation_pass_massive_activations_through():
+    model = build_model(tiny_arch_config("topk"), D_IN, seed=0)
+    hidden = torch.randn(2, 5, D_IN)
+    hidden[0, 2] *= 1000
+    threshold = 10 * float(hidden.norm(dim=-1).median())
+    replaced = sae_replacement(model, max_norm=threshold)(hidden)
+    assert torch.equal(replaced[0, 2], hidden[0, 2])
+    others = torch.ones(2, 5, dtype=torch.bool)
+    others[0, 2] = False
+    torch.testing.assert_close(replaced[others], model.reconstruct(hidden[others]))
+    seen = {}
+
+    def ce_loss(replace):
+        if replace is not None:
+            seen[len(seen)] = replace(hidden)
+        return 3.0 - len(seen) * 0.1
+
+    ce_loss_recovered(ce_loss, model, max_norm=threshold)
+    zero = seen[0]
+    assert torch.equal(zero[0, 2], hidden[0, 2]) and bool((zero[others] == 0).all())

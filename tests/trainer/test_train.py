@@ -163,3 +163,56 @@ def test_bfloat16_autocast_trains(arch, source, tmp_path):
 def test_training_reduces_the_loss(arch, source, tmp_path):
     result = _train(_fresh(arch), source, tmp_path / "r", steps=60, checkpoint_every=0, log_every=10)
     assert result.history[-1]["explained_variance"] > result.history[0]["explained_variance"] + 0.05
+
+
+def _with_outliers(rows: np.ndarray, every: int = 37, factor: float = 200.0) -> tuple[np.ndarray, np.ndarray]:
+    """A copy of `rows` with every `every`-th row blown up to a massive activation, and the mask of those."""
+    rows = rows.copy()
+    massive = np.arange(len(rows)) % every == 0
+    rows[massive] *= factor
+    return rows, massive
+
+
+def test_training_never_shows_the_model_a_massive_activation(rows, tmp_path):
+    data, massive = _with_outliers(rows)
+    model = _fresh("topk")
+    seen = []
+    real_loss = model.loss
+
+    def spy(x_BD, step, dead=None):
+        seen.append(x_BD.detach().norm(dim=-1))
+        return real_loss(x_BD, step, dead)
+
+    model.loss = spy
+    result = _train(model, TensorSource(data), tmp_path / "run")
+    norms = torch.cat(seen)
+    clean_max = float(np.linalg.norm(rows, axis=1).max())
+    assert float(norms.max()) <= clean_max * 1.0001  # no blown-up row reached the loss
+    expected_batches = 12 * 64 * (1 - massive.mean())  # the rest did: about 1/37 of each batch is dropped
+    assert abs(len(norms) - expected_batches) < 0.1 * expected_batches
+    threshold = load_checkpoint(result.run_dir)[1]["training"]["max_norm"]
+    median = float(np.median(np.linalg.norm(data, axis=1)))
+    assert threshold == pytest.approx(10 * median, rel=0.05)  # from the sample's median, not the data's
+
+
+def test_max_norm_multiple_none_trains_on_every_row(rows, tmp_path):
+    data, _ = _with_outliers(rows)
+    model = _fresh("topk")
+    sizes = []
+    real_loss = model.loss
+    model.loss = lambda x_BD, step, dead=None: sizes.append(len(x_BD)) or real_loss(x_BD, step, dead)
+    result = _train(model, TensorSource(data), tmp_path / "run", max_norm_multiple=None)
+    assert sizes == [64] * 12
+    assert load_checkpoint(result.run_dir)[1]["training"]["max_norm"] is None
+
+
+def test_a_killed_run_with_massive_activations_resumes_exactly(arch, rows, tmp_path):
+    data, _ = _with_outliers(rows)
+    whole = _fresh(arch)
+    _train(whole, TensorSource(data), tmp_path / "whole")
+    with pytest.raises(KeyboardInterrupt):
+        _train(_fresh(arch), DyingSource(data, die_at=8), tmp_path / "killed")
+    resumed = _fresh(arch)
+    _train(resumed, TensorSource(data), tmp_path / "killed", resume=True)
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
