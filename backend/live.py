@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from trainer.errors import HSAEError
+from trainer.outliers import checkpoint_max_norm, encode_inliers
 from trainer.settings import Settings
 
 SUMMARY_TOP = 10  # top-level features in the summary, and children shown per feature
@@ -109,8 +110,9 @@ class LiveModel(Protocol):
 class TransformerLiveModel:
     """A run's language model (stopped after its layer) and its HSAE, on CUDA when available."""
 
-    def __init__(self, lm: Any, hsae: Any):
+    def __init__(self, lm: Any, hsae: Any, max_norm: float = math.inf):
         self.lm, self.hsae = lm, hsae
+        self.max_norm = max_norm  # massive activations get no features, as in training and indexing
         self.device = str(lm.device)
         tokenizer = lm.tokenizer
         self.bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
@@ -137,7 +139,7 @@ class TransformerLiveModel:
             dev = resolve_device(device)
             if dev.type == "cpu" and cpu_threads:
                 torch.set_num_threads(cpu_threads)
-            hsae, _ = load_checkpoint(spec.checkpoint_path, device=dev)  # first: it fails fast when missing
+            hsae, cfg = load_checkpoint(spec.checkpoint_path, device=dev)  # first: it fails fast when missing
             lm = load_language_model(spec.model_name, spec.layer, str(dev))
         except (HSAEError, CheckpointError) as err:
             raise LiveUnavailable(f"cannot load run {spec.name!r} for live prompts: {err}") from None
@@ -151,7 +153,7 @@ class TransformerLiveModel:
             raise LiveUnavailable(
                 f"run {spec.name!r}: the checkpoint expects width {hsae.d_in}, the model gives {lm.d_model}"
             )
-        return cls(lm, hsae)
+        return cls(lm, hsae, checkpoint_max_norm(cfg))
 
     def tokenize(self, text: str) -> list[PromptToken]:
         encoded = self.lm.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
@@ -172,7 +174,7 @@ class TransformerLiveModel:
         resid_BTD = self.lm.residual(ids_BT, mask_BT)
         data_BT = mask_BT.bool()
         data_BT[:, 0] = False
-        codes = self.hsae.encode(resid_BTD[data_BT.to(resid_BTD.device)].float())
+        codes, _ = encode_inliers(self.hsae, resid_BTD[data_BT.to(resid_BTD.device)].float(), self.max_norm)
         per_level = [(c.indices.cpu().numpy(), c.values.float().cpu().numpy()) for c in codes]
         out, start = [], 0
         for prompt in prompts:

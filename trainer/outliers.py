@@ -32,3 +32,22 @@ def threshold_from_norms(norms_N: Tensor, multiple: float | None) -> float:
 def inliers(x_ND: Tensor, threshold: float) -> Tensor:
     """bool [N]: the rows whose norm is at most `threshold`."""
     return x_ND.float().norm(dim=-1) <= threshold
+
+
+def checkpoint_max_norm(cfg: dict) -> float:
+    """The threshold a checkpoint was trained with (cfg.json "training"."max_norm"); inf for a run trained on
+    every row, or by a version that did not record one."""
+    value = (cfg.get("training") or {}).get("max_norm")
+    return math.inf if value is None else float(value)
+
+
+def encode_inliers(model, x_raw_ND: Tensor, max_norm: float) -> tuple[list, Tensor]:
+    """`model.encode(x)` with no latent active on the rows above `max_norm` (indices -1, values 0): the SAE was
+    not trained on massive activations and says nothing about them. Returns (codes, bool [N] outlier rows)."""
+    codes = model.encode(x_raw_ND)
+    outlier_N = ~inliers(x_raw_ND, max_norm)
+    if bool(outlier_N.any()):
+        for code in codes:
+            code.indices[outlier_N] = -1
+            code.values[outlier_N] = 0
+    return codes, outlier_N

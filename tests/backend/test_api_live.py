@@ -82,10 +82,12 @@ def live_client(live_db):
 def direct_codes(lm, checkpoint: Path, token_ids: list[int]):
     from trainer.checkpoint import load_checkpoint
 
-    hsae, _ = load_checkpoint(checkpoint)
+    from trainer.outliers import checkpoint_max_norm, encode_inliers
+
+    hsae, cfg = load_checkpoint(checkpoint)
     ids = torch.tensor([[lm.tokenizer.bos_token_id, *token_ids]])
     with torch.inference_mode():
-        return hsae.encode(lm.residual(ids)[0, 1:].float())
+        return encode_inliers(hsae, lm.residual(ids)[0, 1:].float(), checkpoint_max_norm(cfg))[0]
 
 
 @pytest.mark.slow

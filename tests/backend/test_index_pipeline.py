@@ -1,6 +1,8 @@
 """`hsae index` end to end on the real SmolLM2: what lands in the database equals a brute-force computation
 over the same activations, an interruption leaves nothing visible, and --replace swaps cleanly."""
 
+import json
+import shutil
 import uuid
 
 import numpy as np
@@ -18,6 +20,7 @@ from trainer.index import pipeline
 from trainer.index.accumulate import IndexConfig
 from trainer.index.writer import RunExistsError
 from trainer.lm import load_language_model
+from trainer.outliers import checkpoint_max_norm
 from trainer.sources import DataSpec
 from trainer.workflows import run_training
 
@@ -52,12 +55,15 @@ def _index(run_dir, db_url, corpus, name, **kw):
 
 
 def _brute_force(run_dir, corpus):
-    model, _ = checkpoint.load_checkpoint(run_dir)
+    model, cfg = checkpoint.load_checkpoint(run_dir)
     lm = load_language_model(layer=6, device="cpu")
     source = ActivationCache(lm, corpus, 32).ensure(None)
     acts, meta = source.read(0, source.num_rows), source.read_meta(0, source.num_rows)
+    x = torch.from_numpy(acts)
     with torch.no_grad():
-        codes = model.encode(torch.from_numpy(acts))
+        codes = model.encode(x)
+    for code in codes:  # massive activations (norm above the training threshold) get no features
+        code.indices[x.norm(dim=-1) > checkpoint_max_norm(cfg)] = -1
     dense = []
     for level, width in enumerate(model.level_widths):
         d = np.zeros((len(acts), width), np.float32)
@@ -66,6 +72,31 @@ def _brute_force(run_dir, corpus):
         d[rows, idx[rows, slots]] = val[rows, slots]
         dense.append(d)
     return model, dense, meta
+
+
+def test_index_gives_massive_activations_no_features(db_url, trained_run, corpus, tmp_path):
+    """With the threshold forced down to the median norm, half the tokens count as massive activations: they
+    stay in the contexts but no feature fires on them, and the run says how many there were."""
+    run_dir = tmp_path / "low-threshold"
+    shutil.copytree(trained_run, run_dir)
+    lm = load_language_model(layer=6, device="cpu")
+    source = ActivationCache(lm, corpus, 32).ensure(None)
+    norms = np.linalg.norm(source.read(0, source.num_rows), axis=1)
+    cfg = json.loads((run_dir / "cfg.json").read_text())
+    cfg["training"]["max_norm"] = float(np.median(norms))
+    (run_dir / "cfg.json").write_text(json.dumps(cfg))
+    name = f"pipe-{uuid.uuid4().hex[:8]}"
+    summary = _index(run_dir, db_url, corpus, name)
+    model, dense, _ = _brute_force(run_dir, corpus)
+    massive = norms > cfg["training"]["max_norm"]
+    assert 0 < massive.sum() < len(norms) and summary.tokens == len(norms)
+    assert not (dense[0][massive] > 0).any()
+    with Session(make_engine(db_url)) as conn:
+        run = conn.execute(visible_runs().where(Run.name == name)).scalar_one()
+        assert run.corpus["outlier_tokens"] == int(massive.sum())
+        fire = {(f.level, f.idx): f.fire_count for f in conn.execute(select(Feature).where(Feature.run_id == run.id)).scalars()}
+    for level, d in enumerate(dense):
+        assert [fire[(level, i)] for i in range(d.shape[1])] == (d > 0).sum(0).tolist()
 
 
 def test_index_matches_brute_force(db_url, trained_run, corpus):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -9,6 +11,7 @@ from tests.trainer.helpers import D_IN, tiny_arch_config
 from trainer.evaluate import ce_loss_recovered, evaluate, format_metrics, sae_replacement
 from trainer.hierarchy import CoactivationCounts, HierarchyStats, posthoc_tree
 from trainer.models import LevelCode, build_model
+from trainer.outliers import checkpoint_max_norm, encode_inliers
 
 
 def code(rows: list[list[int]]) -> LevelCode:
@@ -151,3 +154,17 @@ def test_replacement_and_zero_ablation_pass_massive_activations_through():
     ce_loss_recovered(ce_loss, model, max_norm=threshold)
     zero = seen[0]
     assert torch.equal(zero[0, 2], hidden[0, 2]) and bool((zero[others] == 0).all())
+
+
+def test_encode_inliers_leaves_massive_activations_without_features(rows):
+    model = build_model(tiny_arch_config("tree", assign_by="encoder"), D_IN, seed=0)
+    x = torch.from_numpy(rows[:64]).clone()
+    x[[3, 40]] *= 500
+    threshold = 10 * float(x.norm(dim=-1).median())
+    codes, massive = encode_inliers(model, x, threshold)
+    assert massive.nonzero().flatten().tolist() == [3, 40]
+    for code, plain in zip(codes, model.encode(x)):
+        assert (code.indices[massive] == -1).all() and (code.values[massive] == 0).all()
+        assert torch.equal(code.indices[~massive], plain.indices[~massive])
+    assert checkpoint_max_norm({"training": {"max_norm": 12.5}}) == 12.5
+    assert checkpoint_max_norm({"training": {"max_norm": None}}) == math.inf == checkpoint_max_norm({})

@@ -25,6 +25,7 @@ from trainer.index.contexts import ContextStore
 from trainer.index.directions import decoder_cosines, top_output_tokens
 from trainer.index.writer import RunInfo, write_run
 from trainer.lm import LanguageModel, load_language_model, resolve_device
+from trainer.outliers import checkpoint_max_norm, encode_inliers
 
 ENCODE_ROWS = 4096
 RETAIN_EVERY = 8  # chunks between prunes of the context store
@@ -111,14 +112,16 @@ def index_checkpoint(
     # Whole contexts only: the accumulator needs every token of a context in one chunk, and a shard holds
     # whole contexts. The token budget is rounded up to the end of the context it falls in.
     end_ctx = int(source.read_meta(source.num_rows - 1, source.num_rows)[0, 0])
-    n_rows, n_contexts = 0, 0
+    n_rows, n_contexts, n_outliers = 0, 0, 0
+    max_norm = checkpoint_max_norm(cfg)  # massive activations get no features, as in training
     with tqdm(total=source.num_rows, desc="indexing", unit="tok", unit_scale=True) as bar:
         for chunk_no, (acts, meta) in enumerate(zip(source.acts, source.rows, strict=True)):
             keep = np.asarray(meta[:, 0]) <= end_ctx
             if not keep.any():
                 break
             acts_ND, meta_N2 = np.asarray(acts[keep], dtype=np.float32), np.asarray(meta[keep])
-            codes = _encode(model, acts_ND, dev)
+            codes, outliers = _encode(model, acts_ND, dev, max_norm)
+            n_outliers += outliers
             acc.add(codes, meta_N2[:, 0], meta_N2[:, 1])
             ctx_ids = np.unique(meta_N2[:, 0])
             store.add(ctx_ids, contexts.token_ids_CT[ctx_ids], doc_ids[contexts.docs_C2[ctx_ids, 0]].tolist(),
@@ -145,7 +148,8 @@ def index_checkpoint(
         arch=cfg["arch"],
         checkpoint_digest=checkpoint_digest(run_dir),
         config=cfg,
-        corpus={**cache.info["corpus"], "context_len": context_len, "tokens": n_rows, "contexts": n_contexts},
+        corpus={**cache.info["corpus"], "context_len": context_len, "tokens": n_rows, "contexts": n_contexts,
+                "outlier_tokens": n_outliers},
         metrics=_read_json(metrics_path),
         checkpoint_path=str(run_dir),
     )
@@ -162,14 +166,20 @@ def index_checkpoint(
 
 
 @torch.no_grad()
-def _encode(model, acts_ND: np.ndarray, device: torch.device) -> list[tuple[np.ndarray, np.ndarray]]:
+def _encode(
+    model, acts_ND: np.ndarray, device: torch.device, max_norm: float
+) -> tuple[list[tuple[np.ndarray, np.ndarray]], int]:
+    """Per level (indices, values) of every row, none active on massive activations; and how many those were."""
     per_level: list[tuple[list, list]] = [([], []) for _ in model.level_widths]
+    outliers = 0
     for lo in range(0, len(acts_ND), ENCODE_ROWS):
         x = torch.from_numpy(acts_ND[lo : lo + ENCODE_ROWS]).to(device)
-        for level, code in enumerate(model.encode(x)):
+        codes, outlier_N = encode_inliers(model, x, max_norm)
+        outliers += int(outlier_N.sum())
+        for level, code in enumerate(codes):
             per_level[level][0].append(code.indices.cpu().numpy())
             per_level[level][1].append(code.values.float().cpu().numpy())
-    return [(np.concatenate(i), np.concatenate(v)) for i, v in per_level]
+    return [(np.concatenate(i), np.concatenate(v)) for i, v in per_level], outliers
 
 
 def _read_json(path: Path):
