@@ -29,7 +29,7 @@ import torch
 from trainer.config import ArchConfig, TrainConfig
 from trainer.evaluate import evaluate
 from trainer.models import build_model
-from trainer.outliers import DEFAULT_NORM_MULTIPLE, inliers, norm_threshold
+from trainer.outliers import inliers, norm_threshold
 from trainer.train import DeadLatentTracker, make_autocast, make_optimizer, train_step
 
 D_MODEL = 576
@@ -69,14 +69,14 @@ def main() -> None:
         raise SystemExit(f"need at least {args.batch + args.eval_rows} rows, got {len(rows)}")
     train_rows = torch.from_numpy(np.array(rows[:n_train], dtype=np.float32))
     eval_rows = torch.from_numpy(np.array(rows[-args.eval_rows :], dtype=np.float32))
-    # massive activations are left out as `hsae train` and `hsae eval` leave them out
-    max_norm = norm_threshold(train_rows[:8192], DEFAULT_NORM_MULTIPLE)
-    train_rows, eval_rows = train_rows[inliers(train_rows, max_norm)], eval_rows[inliers(eval_rows, max_norm)]
-    n_train = len(train_rows)
     d_in = train_rows.shape[1]
 
     cfg = TrainConfig(batch_size=args.batch, lr=1e-3, steps=args.steps, warmup_steps=max(1, args.steps // 10),
                       progress=False, device="cpu", dtype="float32")
+    # massive activations are left out as `hsae train` and `hsae eval` leave them out
+    max_norm = norm_threshold(train_rows[:8192], cfg.max_norm_multiple)
+    train_rows, eval_rows = train_rows[inliers(train_rows, max_norm)], eval_rows[inliers(eval_rows, max_norm)]
+    n_train = len(train_rows)
     arches = {
         "moe": ArchConfig(
             arch="moe", width=1024, k=32, children=16, subspace=4, coef_warmup_steps=args.steps // 2

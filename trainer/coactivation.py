@@ -14,6 +14,12 @@ if TYPE_CHECKING:
     from trainer.models.base import LevelCode
 
 
+def pair_keys(parent_BK: Tensor, child_BJ: Tensor, child_width: int) -> Tensor:
+    """int64 key parent·child_width + child for every (parent, child) pair active on the same token."""
+    both = (parent_BK >= 0).unsqueeze(2) & (child_BJ >= 0).unsqueeze(1)
+    return (parent_BK.unsqueeze(2) * child_width + child_BJ.unsqueeze(1))[both]
+
+
 @dataclass
 class CoactivationCounts:
     """Sparse (parent, child) co-activation counts between two levels of codes, mergeable across chunks."""
@@ -26,10 +32,7 @@ class CoactivationCounts:
 
     @torch.no_grad()
     def update(self, parent: LevelCode, child: LevelCode) -> None:
-        p_idx, c_idx = parent.indices.detach().cpu(), child.indices.detach().cpu()
-        pairs = (p_idx.unsqueeze(2) * self.child_width + c_idx.unsqueeze(1))[
-            (p_idx >= 0).unsqueeze(2) & (c_idx >= 0).unsqueeze(1)
-        ]
+        pairs = pair_keys(parent.indices.detach().cpu(), child.indices.detach().cpu(), self.child_width)
         self._add(*torch.unique(pairs, return_counts=True))
 
     def merge(self, other: CoactivationCounts) -> CoactivationCounts:

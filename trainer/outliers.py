@@ -15,18 +15,13 @@ import math
 import torch
 from torch import Tensor
 
-DEFAULT_NORM_MULTIPLE = 10.0
-
 
 def norm_threshold(sample_ND: Tensor, multiple: float | None) -> float:
-    """`multiple` × the median row norm of `sample_ND`; inf when `multiple` is None (keep every row)."""
-    return threshold_from_norms(sample_ND.float().norm(dim=-1), multiple)
-
-
-def threshold_from_norms(norms_N: Tensor, multiple: float | None) -> float:
-    if multiple is None or len(norms_N) == 0:
+    """`multiple` × the median row norm of `sample_ND`; inf when `multiple` is None (keep every row). Training
+    fits it once and records it in cfg.json; eval, index and the live view read it back from there."""
+    if multiple is None or len(sample_ND) == 0:
         return math.inf
-    return float(multiple * norms_N.float().median())
+    return float(multiple * sample_ND.float().norm(dim=-1).median())
 
 
 def inliers(x_ND: Tensor, threshold: float) -> Tensor:

@@ -244,9 +244,10 @@ def train(
     try:
         for step in range(start, total):
             x_BD = next(batches).to(device, non_blocking=True)
-            keep_B = inliers(x_BD, max_norm)
-            if not bool(keep_B.all()) and bool(keep_B.any()):
-                x_BD = x_BD[keep_B]
+            if math.isfinite(max_norm):
+                keep_B = inliers(x_BD, max_norm)
+                if 0 < int(keep_B.sum()) < len(keep_B):  # one sync; a batch of only outliers is kept whole
+                    x_BD = x_BD[keep_B]
             try:
                 out, loss, grad_norm = train_step(
                     model, optimizer, scheduler, x_BD, step, tracker.dead_masks(),

@@ -20,9 +20,9 @@ from trainer.activations import PAD
 from trainer.config import ArchConfig, RunConfig, TrainConfig
 from trainer.errors import HSAEError
 from trainer.evaluate import ce_loss_recovered, evaluate, format_metrics
-from trainer.outliers import DEFAULT_NORM_MULTIPLE, threshold_from_norms
 from trainer.lm import LanguageModel, resolve_device
 from trainer.models.registry import build_model
+from trainer.outliers import checkpoint_max_norm
 from trainer.settings import get_settings
 from trainer.sources import DataSpec, OpenedData, open_data
 from trainer.train import train
@@ -116,18 +116,14 @@ def run_eval(run_dir: Path, corpus: str | None, activations: str | None, tokens:
     if opened.source.d_in != model.d_in:
         raise HSAEError(f"the evaluation activations have width {opened.source.d_in}, the run expects {model.d_in}")
     n = min(tokens, opened.source.num_rows - skip)
-
-    def batches():
-        for lo in range(skip, skip + n, 4096):
-            yield torch.from_numpy(opened.source.read(lo, min(lo + 4096, skip + n)))
-
-    # massive activations are left out as in training, by the same multiple of the median norm
-    multiple = (cfg.get("training") or {}).get("max_norm_multiple", DEFAULT_NORM_MULTIPLE)
-    max_norm = threshold_from_norms(torch.cat([x.norm(dim=-1) for x in batches()]), multiple)
-    metrics = evaluate(model, batches(), max_norm=max_norm)
+    batches = (torch.from_numpy(opened.source.read(lo, min(lo + 4096, skip + n))) for lo in range(skip, skip + n, 4096))
+    # massive activations are left out with the threshold the run was trained with, as index and live do
+    max_norm = checkpoint_max_norm(cfg)
+    metrics = evaluate(model, batches, max_norm=max_norm)
     edge_stats = metrics.pop("edge_stats")
     metrics["data"] = {**opened.data_info, "eval_rows": [skip, skip + n], "held_out": skip > 0}
-    metrics["outliers"] = {"max_norm_multiple": multiple, "max_norm": max_norm if math.isfinite(max_norm) else None,
+    metrics["outliers"] = {"max_norm_multiple": (cfg.get("training") or {}).get("max_norm_multiple"),
+                           "max_norm": max_norm if math.isfinite(max_norm) else None,
                            "rows": metrics.pop("outlier_rows")}
     if opened.lm is not None and opened.cache is not None:
         contexts = opened.cache.contexts(skip + tokens).token_ids_CT

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from trainer.config import ArchConfig
-from trainer.coactivation import CoactivationCounts
+from trainer.coactivation import CoactivationCounts, pair_keys
 from trainer.models.base import HSAE, LevelCode, SaeLensLevel, StepOutput, sparse_decode, unit_rows
 from trainer.models.registry import register
 from trainer.models.topk import TopKLevel
@@ -78,8 +78,7 @@ class CoFiring:
         if self.dense is None:
             self.sparse.update(parent, child)
             return
-        both = (parent.indices >= 0).unsqueeze(2) & (child.indices >= 0).unsqueeze(1)
-        keys = (parent.indices.unsqueeze(2) * self.child_width + child.indices.unsqueeze(1))[both]
+        keys = pair_keys(parent.indices, child.indices, self.child_width)
         self.dense.index_add_(0, keys, torch.ones_like(keys, dtype=torch.int32))
 
     def best_parents(self) -> tuple[Tensor, Tensor]:
