@@ -46,6 +46,7 @@ def train_cmd(
     device: Device = "auto",
     seed: Annotated[int | None, typer.Option(help="Random seed (initialisation and data order).")] = None,
     config: Annotated[Path | None, typer.Option(help='JSON file {"arch": {...}, "train": {...}}; flags override it.')] = None,
+    preset: Annotated[str | None, typer.Option(help="project (measured defaults) or paper (each paper's settings) [default: project].")] = None,
     width: Annotated[int | None, typer.Option(help="Flat width, or the number of parents for moe.")] = None,
     k: Annotated[int | None, typer.Option(help="Active latents per token at the top level.")] = None,
     children: Annotated[int | None, typer.Option(help="moe: children per parent.")] = None,
@@ -70,6 +71,7 @@ def train_cmd(
         config, arch,
         {"width": width, "k": k, "children": children, "subspace": subspace, "levels": level_list},
         {"seed": seed, "batch_size": batch, "lr": lr, "steps": steps, "device": device},
+        preset,
     )
     data = DataSpec(
         model=model or DataSpec.model, layer=15 if layer is None else layer, corpus=corpus,

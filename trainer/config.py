@@ -46,6 +46,10 @@ class ArchConfig:
     arch: Literal["moe", "tree", "topk"] = "moe"
     """`moe` (MoE H-SAE, arXiv 2506.01197), `tree` (Tree HSAE, arXiv 2602.11881) or `topk` (flat TopK SAE)."""
 
+    preset: Literal["project", "paper"] = "project"
+    """Which defaults the other fields started from (see `PRESETS`): `project`, chosen by measurement over a
+    family of synthetic hierarchies (bench/bench_family.py), or `paper`, each paper's own settings."""
+
     width: int | None = None
     """Number of latents of a flat `topk` SAE, or number of parents of `moe` (default 4096 / 1024).
     `tree` takes `levels` instead."""
@@ -82,8 +86,8 @@ class ArchConfig:
     found the three equivalent; on the synthetic hierarchy of the tests co-activation gives the better tree."""
 
     reassign_tokens: int = 16384
-    """`tree` with `assign_by=coactivation`: training rows encoded to count co-activations at each
-    re-assignment (all rows if there are fewer)."""
+    """Training rows encoded at each re-assignment (`tree` with `assign_by=coactivation`: to count
+    co-activations) or expert re-initialisation (`moe`); all rows if there are fewer."""
 
     unassigned_fraction: float = 0.2
     """`tree`: the fraction of children with the lowest best-parent score (P(parent | child) or cosine) that
@@ -91,6 +95,20 @@ class ArchConfig:
 
     l1_coef: float = 1e-3
     """`moe`: L1 penalty on parent and child codes (warmed up)."""
+
+    child_l1: Literal["kept", "all"] = "kept"
+    """`moe`: which child codes the L1 sees: the kept child of each active parent (the codes that reach the
+    reconstruction), or, as the authors' code, every child of every selected expert (`all`)."""
+
+    center: bool = True
+    """`moe`: subtract the training data's mean (estimated once from a sample) before scaling each token to
+    unit norm. The paper does not centre; without it the shared mean direction of real activations is one
+    parent that fires on almost every token."""
+
+    expert_init_at: list[float] = field(default_factory=lambda: [0.1, 0.3, 0.5])
+    """`moe`: fractions of the run at which experts are re-initialised from data (top-s principal directions
+    of what their parent leaves unexplained, children by spherical k-means in that subspace): all experts the
+    first time, later only experts with a starved child. Empty = never (the paper: random init only)."""
 
     ortho_coef: float = 0.1
     """`moe`: cross-orthogonality penalty between top-level encoder and decoder (warmed up)."""
@@ -109,6 +127,7 @@ class ArchConfig:
 
     def __post_init__(self) -> None:
         _check(self.arch in ARCHES, f"arch must be one of {', '.join(ARCHES)}, got {self.arch!r}")
+        _check(self.preset in PRESETS, f"preset must be one of {', '.join(PRESETS)}, got {self.preset!r}")
         if self.k is None:
             self.k = 32
         if self.arch == "tree":
@@ -162,6 +181,13 @@ class ArchConfig:
                 self.coef_warmup_steps >= 0,
                 f"coef_warmup_steps must be >= 0, got {self.coef_warmup_steps}",
             )
+            _check(self.child_l1 in ("kept", "all"), f"child_l1 must be kept or all, got {self.child_l1!r}")
+            self.expert_init_at = [float(f) for f in self.expert_init_at]
+            _check(
+                all(0 < f < 1 for f in self.expert_init_at),
+                f"expert_init_at must hold fractions of the run in (0, 1), got {self.expert_init_at}",
+            )
+            _check(self.reassign_tokens >= 1, f"reassign_tokens must be >= 1, got {self.reassign_tokens}")
             for name in ("l1_coef", "ortho_coef", "top_recon_coef"):
                 _check(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
         _check(self.aux_k is None or self.aux_k >= 1, f"aux_k must be >= 1, got {self.aux_k}")
@@ -298,6 +324,23 @@ class TrainConfig:
         return _from_dict(cls, data)
 
 
+# Per preset and architecture, the fields that differ from the dataclass defaults ({"arch": ..., "train": ...}).
+# The project's defaults differ from the papers' where measurement on the synthetic family said so; the README
+# ("Presets") has the figures.
+PRESETS: dict[str, dict[str, dict[str, dict[str, Any]]]] = {
+    "project": {
+        "moe": {"arch": {}, "train": {"lr": 2e-3}},
+        "tree": {"arch": {}, "train": {}},
+        "topk": {"arch": {}, "train": {}},
+    },
+    "paper": {
+        "moe": {"arch": {"center": False, "child_l1": "all", "expert_init_at": []}, "train": {"lr": 5e-4}},
+        "tree": {"arch": {"assign_by": "encoder", "reassign_every": 5000}, "train": {"lr": 5e-4}},
+        "topk": {"arch": {}, "train": {}},
+    },
+}
+
+
 @dataclass
 class RunConfig:
     """A config file's content: `{"arch": {...}, "train": {...}}` (JSON)."""
@@ -313,9 +356,37 @@ class RunConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> RunConfig:
-        try:
-            data = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise ConfigError(f"cannot read config file {path}: {err}") from None
-        _check(isinstance(data, dict), f"config file {path} must hold a JSON object")
-        return cls.from_dict(data)
+        return cls.from_dict(read_config_file(path))
+
+    @classmethod
+    def compose(
+        cls,
+        arch: dict[str, Any] | None = None,
+        train: dict[str, Any] | None = None,
+        preset: str | None = None,
+    ) -> RunConfig:
+        """Dataclass defaults < the preset's fields for the architecture < `arch` / `train` given fields.
+        The preset is `preset`, else `arch["preset"]`, else `project`."""
+        arch, train = dict(arch or {}), dict(train or {})
+        name = arch.get("arch", ArchConfig.arch)
+        preset = preset or arch.get("preset") or "project"
+        _check(preset in PRESETS, f"preset must be one of {', '.join(PRESETS)}, got {preset!r}")
+        _check(name in ARCHES, f"arch must be one of {', '.join(ARCHES)}, got {name!r}")
+        chosen = PRESETS[preset][name]
+        arch_fields = {**chosen["arch"], **arch, "preset": preset}
+        train_fields = {**chosen["train"], **train}
+        return cls(ArchConfig.from_dict(arch_fields), TrainConfig.from_dict(train_fields))
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """A config file's JSON object, its sections checked; fields are checked when composed."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ConfigError(f"cannot read config file {path}: {err}") from None
+    _check(isinstance(data, dict), f"config file {path} must hold a JSON object")
+    unknown = sorted(set(data) - {"arch", "train"})
+    _check(not unknown, f"unknown config section(s): {', '.join(unknown)} (expected arch, train)")
+    for section in ("arch", "train"):
+        _check(isinstance(data.get(section, {}), dict), f"config section {section!r} must be a JSON object")
+    return data

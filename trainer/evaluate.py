@@ -64,7 +64,7 @@ def evaluate(
         codes = model.encode(x_raw_BD)
         _, scale_B1 = model.normalize(x_raw_BD)
         for level in range(n_levels):
-            x_hat_BD = model.decode(codes, level) / scale_B1
+            x_hat_BD = model.denormalize(model.decode(codes, level), scale_B1)
             sq_err[level] += (x_raw_BD - x_hat_BD).double().pow(2).sum().cpu()
             active[level] += (codes[level].indices >= 0).sum().cpu()
         sum_x += x_raw_BD.double().sum(0).cpu()

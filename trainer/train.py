@@ -262,7 +262,8 @@ def train(
             tracker.update(out.codes)
             done = step + 1
             if model.reassign_due(done):
-                model.reassign(_reassign_sample(model, source, cfg, done, device))
+                for param in model.reassign(_reassign_sample(model, source, cfg, done, device)):
+                    optimizer.state.pop(param, None)  # stale moments would push fresh weights off at once
             if done % cfg.log_every == 0 or done == total:
                 now = time.perf_counter()
                 logs = _step_logs(out, loss, grad_norm, tracker, scheduler, done, cfg.batch_size)

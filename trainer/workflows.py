@@ -17,7 +17,7 @@ import torch
 
 from trainer import checkpoint
 from trainer.activations import PAD
-from trainer.config import ArchConfig, RunConfig, TrainConfig
+from trainer.config import ArchConfig, RunConfig, TrainConfig, read_config_file
 from trainer.errors import HSAEError
 from trainer.evaluate import ce_loss_recovered, evaluate, format_metrics
 from trainer.lm import LanguageModel, resolve_device
@@ -186,15 +186,14 @@ def run_encode(run_dir: Path, corpus: str | None, activations: str | None, token
 
 
 def build_run_config(config_file: Path | None, arch: str | None, sizes: dict[str, Any],
-                     train_opts: dict[str, Any]) -> RunConfig:
-    """Defaults < config file < flags given on the command line (None = not given)."""
-    base = RunConfig.load(config_file) if config_file is not None else RunConfig()
-    arch_fields = {k: v for k, v in base.arch.to_dict().items()}
-    if arch is not None and arch != arch_fields.get("arch"):
+                     train_opts: dict[str, Any], preset: str | None = None) -> RunConfig:
+    """Defaults < the preset < config file < flags given on the command line (None = not given)."""
+    data = read_config_file(config_file) if config_file is not None else {}
+    arch_fields, train_fields = dict(data.get("arch", {})), dict(data.get("train", {}))
+    if arch is not None and arch != arch_fields.get("arch", ArchConfig.arch):
         # A different architecture starts from its own defaults, not the file's sizes for another one.
-        arch_fields = {"arch": arch}
+        arch_fields = {"arch": arch, **({"preset": arch_fields["preset"]} if "preset" in arch_fields else {})}
     arch_fields.update({k: v for k, v in sizes.items() if v is not None})
-    train_fields = base.train.to_dict()
     train_fields.update({k: v for k, v in train_opts.items() if v is not None})
-    return RunConfig(ArchConfig.from_dict(arch_fields), TrainConfig.from_dict(train_fields))
+    return RunConfig.compose(arch_fields, train_fields, preset)
 

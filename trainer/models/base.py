@@ -91,6 +91,8 @@ class HSAE(nn.Module):
         self.cfg = cfg
         self.d_in = d_in
         self.register_buffer("input_scale", torch.ones(()))
+        # subtracted before scaling when the architecture centres its inputs (`center_D`), else zeros
+        self.register_buffer("input_mean_D", torch.zeros(d_in))
 
     # ---- sizes and structure -------------------------------------------------------------------------
     @property
@@ -124,21 +126,40 @@ class HSAE(nn.Module):
     # ---- normalisation -------------------------------------------------------------------------------
     def normalize(self, x_raw_BD: Tensor) -> tuple[Tensor, Tensor]:
         """Returns (x in normalised space, the per-token factor [B, 1] that took it there)."""
+        x_raw_BD = x_raw_BD - self.input_mean_D.to(x_raw_BD.dtype)
         if self.normalization == "unit_norm":
             scale_B1 = 1.0 / x_raw_BD.norm(dim=-1, keepdim=True).clamp_min(EPS)
         else:
             scale_B1 = self.input_scale.to(x_raw_BD.dtype).expand(x_raw_BD.shape[0], 1)
         return x_raw_BD * scale_B1, scale_B1
 
+    def denormalize(self, x_hat_BD: Tensor, scale_B1: Tensor) -> Tensor:
+        """The inverse of `normalize` for a reconstruction made in normalised space."""
+        return x_hat_BD / scale_B1 + self.input_mean_D.to(x_hat_BD.dtype)
+
+    def centers_inputs(self) -> bool:
+        """Whether `fit_normalization` estimates a mean to subtract (an architecture without a decoder bias)."""
+        return False
+
     @torch.no_grad()
     def fit_normalization(self, sample_BD: Tensor) -> None:
+        if self.centers_inputs():
+            self.input_mean_D.copy_(sample_BD.float().mean(0))
+            sample_BD = sample_BD - self.input_mean_D
         if self.normalization == "constant":
             mean_norm = sample_BD.float().norm(dim=-1).mean().clamp_min(EPS)
             self.input_scale.fill_(math.sqrt(self.d_in) / mean_norm.item())
 
     def normalization_info(self) -> dict[str, Any]:
         if self.normalization == "unit_norm":
-            return {"kind": "unit_norm", "description": "every token scaled to norm 1"}
+            if self.centers_inputs():
+                return {
+                    "kind": "unit_norm",
+                    "centered": True,
+                    "description": "the training data's mean (input_mean_D) subtracted, then every token scaled "
+                    "to norm 1",
+                }
+            return {"kind": "unit_norm", "centered": False, "description": "every token scaled to norm 1"}
         return {
             "kind": "constant",
             "scale": float(self.input_scale),
@@ -167,7 +188,7 @@ class HSAE(nn.Module):
 
     def reconstruct(self, x_raw_BD: Tensor, level: int | None = None) -> Tensor:
         _, scale_B1 = self.normalize(x_raw_BD)
-        return self.decode(self.encode(x_raw_BD), level) / scale_B1
+        return self.denormalize(self.decode(self.encode(x_raw_BD), level), scale_B1)
 
     def forward(self, x_raw_BD: Tensor) -> Tensor:
         return self.reconstruct(x_raw_BD)
@@ -215,8 +236,10 @@ class HSAE(nn.Module):
         """How many training rows `reassign` wants to see (0: it needs none)."""
         return 0
 
-    def reassign(self, sample_raw_ND: Tensor | None = None) -> None:
-        """Rebuilds the architecture's tree, from `reassign_tokens()` raw training rows when it wants any."""
+    def reassign(self, sample_raw_ND: Tensor | None = None) -> list[nn.Parameter]:
+        """Rebuilds the architecture's tree, from `reassign_tokens()` raw training rows when it wants any.
+        Returns the parameters it re-initialised, whose optimizer state the loop then clears."""
+        return []
 
     # ---- checkpoint ----------------------------------------------------------------------------------
     def to_checkpoint(self) -> tuple[dict[str, Any], dict[str, Tensor]]:
@@ -226,5 +249,6 @@ class HSAE(nn.Module):
     @classmethod
     def from_checkpoint(cls, cfg: dict[str, Any], state: dict[str, Tensor]) -> HSAE:
         model = cls(ArchConfig.from_dict(cfg["arch"]), int(cfg["d_in"]))
+        state = {"input_mean_D": model.input_mean_D, **state}  # checkpoints from before centring: no mean
         model.load_state_dict(state)
         return model

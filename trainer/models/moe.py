@@ -60,6 +60,70 @@ def grouped_matvec(x_BD: Tensor, tokens_N: Tensor, experts_N: Tensor, W_EOD: Ten
     return torch.cat(pieces)[torch.argsort(torch.cat(positions))]
 
 
+KMEANS_ITERS = 20
+
+
+def spherical_kmeans(u_NS: Tensor, n: int, generator: torch.Generator) -> Tensor:
+    """[n, S] unit centroids of the directions of `u_NS` (k-means++ seeding, then Lloyd steps on cosine)."""
+    unit_NS = unit_rows(u_NS)
+    first = torch.randint(len(unit_NS), (1,), generator=generator, device=u_NS.device)
+    centroids = [unit_NS[first[0]]]
+    for _ in range(n - 1):
+        gap_N = (1 - (unit_NS @ torch.stack(centroids).T).max(-1).values).clamp_min(0) + 1e-9
+        centroids.append(unit_NS[torch.multinomial(gap_N, 1, generator=generator)[0]])
+    centroids_CS = torch.stack(centroids)
+    for _ in range(KMEANS_ITERS):
+        assign_N = (unit_NS @ centroids_CS.T).argmax(-1)
+        sums_CS = torch.zeros_like(centroids_CS).index_add_(0, assign_N, u_NS)
+        norms_C1 = sums_CS.norm(dim=-1, keepdim=True)
+        centroids_CS = torch.where(norms_C1 > 0, sums_CS / norms_C1.clamp_min(EPS), centroids_CS)
+    return centroids_CS
+
+
+def init_experts(model: MoEHSAE, x_BD: Tensor, only_starved: bool) -> int:
+    """Re-initialises experts from data: for each parent j, the residuals x − x̂_top of the sample tokens
+    where j fires give the subspace (P↓_j = P↑_jᵀ = their top-s principal directions) and the children
+    (E_j = D_j = spherical k-means centroids of the residuals in that subspace, k-means++ seeded).
+
+    Why: the argmax child is a vector quantiser of the residual in the subspace, and quantisers trained by
+    gradient from random codebooks collapse. Measured on the synthetic family (bench/bench_family.py), a
+    random start left one or two children of each expert taking all its tokens and the others starved.
+    Experts with fewer than 4·C tokens in the sample keep their weights. With `only_starved`, only experts
+    with a child that takes less than 1/(4C) of the expert's tokens are redone. Returns the count redone."""
+    C, S = model.n_children, model.subspace_dim
+    codes, _, _, _ = model._codes(x_BD)
+    parent = codes[0]
+    on_BK = parent.indices >= 0
+    residual_BD = x_BD - model.decode(codes, level=0)
+    tokens_N = torch.arange(len(x_BD), device=x_BD.device).unsqueeze(1).expand_as(parent.indices)[on_BK]
+    experts_N = parent.indices[on_BK]
+    order = torch.argsort(experts_N, stable=True)
+    tokens_N, experts_N = tokens_N[order], experts_N[order]
+    counts_F = torch.bincount(experts_N, minlength=model.n_parents)
+    starts_F = (counts_F.cumsum(0) - counts_F).tolist()
+    if only_starved:
+        _, kept, _, _ = model._codes(x_BD)
+        on = kept.indices >= 0
+        use_FC = torch.bincount(kept.indices[on], minlength=model.n_parents * C).view(-1, C).float()
+        starved_F = (use_FC < use_FC.sum(1, keepdim=True) / (4 * C)).any(1)
+    generator = torch.Generator(device=x_BD.device).manual_seed(int(counts_F.sum()))
+    redone = 0
+    for j, n in enumerate(counts_F.tolist()):
+        if n < 4 * C or (only_starved and not bool(starved_F[j])):
+            continue
+        R_nD = residual_BD[tokens_N[starts_F[j] : starts_F[j] + n]]
+        basis_SD = torch.linalg.svd(R_nD, full_matrices=False).Vh[:S]
+        if basis_SD.shape[0] < S:
+            continue
+        centroids_CS = spherical_kmeans(R_nD @ basis_SD.T, C, generator)
+        model.P_down_FSD[j] = basis_SD
+        model.P_up_FSD[j] = basis_SD
+        model.E_enc_FCS[j] = centroids_CS
+        model.D_dec_FCS[j] = centroids_CS
+        redone += 1
+    return redone
+
+
 def cross_orthogonality(W_enc_DF: Tensor, W_dec_FD: Tensor) -> Tensor:
     """‖E Dᵀ − diag‖_F / (F² − F) with unit encoder rows E and decoder rows D.
 
@@ -77,6 +141,7 @@ class MoEHSAE(HSAE):
 
     def __init__(self, cfg: ArchConfig, d_in: int):
         super().__init__(cfg, d_in)
+        self.init_steps: set[int] = set()  # resolved by `start_training`
         F_, C, S = cfg.width, cfg.children, cfg.subspace
         self.n_parents, self.n_children, self.subspace_dim, self.k = F_, C, S, cfg.k
         self.theta = 1.0 / math.sqrt(d_in)
@@ -139,16 +204,20 @@ class MoEHSAE(HSAE):
         weights = v_BKS.reshape(B, K * S).to(P_up_rows.dtype)
         return F.embedding_bag(rows_BKS.reshape(B, K * S), P_up_rows, per_sample_weights=weights, mode="sum")
 
-    def _codes(self, x_BD: Tensor) -> tuple[list[LevelCode], Tensor, Tensor]:
-        """(codes, z_BF, h_NC): level-1 code has one slot per active parent (its kept child)."""
+    def _codes(self, x_BD: Tensor) -> tuple[list[LevelCode], LevelCode, Tensor, Tensor]:
+        """(codes, kept, z_BF, h_NC). `kept` holds the kept child of every active parent with its leaky value,
+        negative ones included, as the reconstruction in training uses it; the level-1 code reports a child
+        only where its value is > 0, the one meaning of "active" everywhere."""
         z_BF, values_BK, top_BK = self._parents(x_BD)
         h_NC, value_N, slot_N = self._children(x_BD, top_BK)
         active_BK = values_BK > 0
         child_values_BK = torch.where(active_BK, value_N.view_as(values_BK), 0)
         parent = LevelCode(torch.where(active_BK, top_BK, -1), torch.where(active_BK, values_BK, 0))
         child_BK = top_BK * self.n_children + slot_N.view_as(top_BK)
-        child = LevelCode(torch.where(active_BK, child_BK, -1), child_values_BK)
-        return [parent, child], z_BF, h_NC
+        kept = LevelCode(torch.where(active_BK, child_BK, -1), child_values_BK)
+        on_BK = child_values_BK > 0
+        child = LevelCode(torch.where(on_BK, child_BK, -1), torch.where(on_BK, child_values_BK, 0))
+        return [parent, child], kept, z_BF, h_NC
 
     # ---- the common surface --------------------------------------------------------------------------
     def encode(self, x_raw_BD: Tensor) -> list[LevelCode]:
@@ -167,13 +236,16 @@ class MoEHSAE(HSAE):
 
     def loss(self, x_raw_BD: Tensor, step: int, dead: list[Tensor] | None = None) -> StepOutput:
         x_BD, _ = self.normalize(x_raw_BD)
-        codes, z_BF, h_NC = self._codes(x_BD)
+        codes, kept, z_BF, h_NC = self._codes(x_BD)
         x_hat_top_BD = self.decode(codes, level=0)
-        x_hat_BD = x_hat_top_BD + self._decode_child_code(codes[1])
+        x_hat_BD = x_hat_top_BD + self._decode_child_code(kept)
         recon = (x_BD - x_hat_BD).pow(2).sum(-1).mean()
         top_recon = (x_BD - x_hat_top_BD).pow(2).sum(-1).mean()
-        # as the authors' code: L1 on the dense parent code and on every child of the selected experts
-        l1 = (z_BF.abs().sum() + h_NC.abs().sum()) / x_BD.shape[0]
+        if self.cfg.child_l1 == "all":  # the authors' code: every child of the selected experts
+            child_l1 = h_NC.abs().sum()
+        else:  # only the kept children, the codes that reach the reconstruction
+            child_l1 = kept.values.abs().sum()
+        l1 = (z_BF.abs().sum() + child_l1) / x_BD.shape[0]
         ortho = cross_orthogonality(self.W_enc_DF, self.W_dec_FD)
         cfg = self.cfg
         warm = min(1.0, step / cfg.coef_warmup_steps) if cfg.coef_warmup_steps else 1.0
@@ -190,3 +262,28 @@ class MoEHSAE(HSAE):
 
     def unit_norm_params(self) -> list[tuple[nn.Parameter, int]]:
         return [(self.W_dec_FD, -1), (self.D_dec_FCS, -1)]
+
+    def centers_inputs(self) -> bool:
+        return self.cfg.center
+
+    # ---- experts re-initialised from data ---------------------------------------------------------------
+    def start_training(self, total_steps: int) -> None:
+        self.init_steps = {max(1, round(f * total_steps)) for f in self.cfg.expert_init_at}
+
+    def reassign_due(self, step: int) -> bool:
+        self._due_step = step  # which scheduled re-initialisation `reassign` performs (resume-safe)
+        return step in self.init_steps
+
+    def reassign_tokens(self) -> int:
+        return self.cfg.reassign_tokens if self.init_steps else 0
+
+    @torch.no_grad()
+    def reassign(self, sample_raw_ND: Tensor | None = None) -> list[nn.Parameter]:
+        """Re-initialises experts from what their parents leave unexplained (see `init_experts`): at the
+        first scheduled step every expert, later only those with a starved child."""
+        if sample_raw_ND is None:
+            raise ValueError("re-initialising experts needs a sample of activations")
+        first = getattr(self, "_due_step", 0) <= min(self.init_steps, default=0)
+        x_BD = self.normalize(sample_raw_ND.to(self.W_dec_FD.device).float())[0]
+        init_experts(self, x_BD, only_starved=not first)
+        return [self.P_down_FSD, self.P_up_FSD, self.E_enc_FCS, self.D_dec_FCS]

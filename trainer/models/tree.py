@@ -159,7 +159,7 @@ class TreeHSAE(HSAE):
         return self.cfg.reassign_tokens if self.cfg.assign_by == "coactivation" else 0
 
     @torch.no_grad()
-    def reassign(self, sample_raw_ND: Tensor | None = None) -> None:
+    def reassign(self, sample_raw_ND: Tensor | None = None) -> list[nn.Parameter]:
         """Moves every child to its best parent: by co-activation over `sample_raw_ND` (the rows encoded by
         the current model), or by encoder or decoder cosine (then the sample is not needed)."""
         if self.cfg.assign_by == "coactivation":
@@ -174,7 +174,7 @@ class TreeHSAE(HSAE):
             for level, counter in enumerate(counters, start=1):
                 tree = coactivation_parents(*counter.best_parents(), self.cfg.unassigned_fraction)
                 self.parent_of(level).copy_(tree)
-            return
+            return []
         for level in range(1, len(self.saes)):
             child, parent = self.saes[level], self.saes[level - 1]
             if self.cfg.assign_by == "encoder":
@@ -182,6 +182,7 @@ class TreeHSAE(HSAE):
             else:
                 vectors = child.W_dec_FD, parent.W_dec_FD
             self.parent_of(level).copy_(assign_parents(*vectors, self.cfg.unassigned_fraction))
+        return []
 
     @torch.no_grad()
     def init_from_data(self, sample_BD: Tensor) -> None:
