@@ -128,3 +128,35 @@ def test_index_refuses_an_unreachable_database(tmp_path, acts_file):
     assert_one_line_error(hsae("index", out, "--db", fresh), r"revision <none> \(empty database\)")
     assert hsae("db", "upgrade", "--db", fresh).returncode == 0
     assert_one_line_error(hsae("index", out, "--db", fresh), r"trained without a language model")
+
+
+def test_preset_is_applied_and_recorded(tmp_path, acts_file):
+    """`--preset paper` gives each paper's settings; the project preset is the default; both land in cfg.json,
+    and flags still override a preset's fields."""
+    runs = {}
+    for preset in ("paper", None):
+        out = tmp_path / f"run-{preset}"
+        args = ["train", "--arch", "moe", "--activations", acts_file, "--width", 16, "--k", 2, "--children", 4,
+                "--steps", 10, "--batch", 128, "--out", out, "--device", "cpu"]
+        proc = hsae(*args, *(["--preset", preset] if preset else []))
+        assert proc.returncode == 0, proc.stderr
+        runs[preset] = json.loads((out / "cfg.json").read_text())
+    paper, project = runs["paper"], runs[None]
+    assert paper["arch_config"]["preset"] == "paper" and project["arch_config"]["preset"] == "project"
+    assert paper["arch_config"]["center"] is False and paper["arch_config"]["child_l1"] == "all"
+    assert paper["arch_config"]["expert_init_at"] == [] and paper["training"]["lr"] == 5e-4
+    assert project["arch_config"]["center"] is True and project["training"]["lr"] == 2e-3
+    assert paper["normalization"]["centered"] is False and project["normalization"]["centered"] is True
+
+    out = tmp_path / "run-lr"
+    proc = hsae("train", "--arch", "moe", "--activations", acts_file, "--width", 16, "--k", 2, "--steps", 5,
+                "--batch", 128, "--out", out, "--device", "cpu", "--preset", "paper", "--lr", 1e-3)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((out / "cfg.json").read_text())["training"]["lr"] == 1e-3
+
+
+def test_unknown_preset_is_one_line(tmp_path, acts_file):
+    out = tmp_path / "run"
+    proc = hsae("train", "--arch", "moe", "--activations", acts_file, "--preset", "mine", "--out", out)
+    assert_one_line_error(proc, r"preset must be one of project, paper")
+    assert proc.returncode == 2 and not out.exists()

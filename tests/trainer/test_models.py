@@ -7,6 +7,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from tests.trainer.helpers import D_IN, tiny_arch_config
+from trainer.config import ArchConfig
 from trainer.models import LevelCode, build_model
 from trainer.models.base import unit_rows
 from trainer.models.moe import cross_orthogonality, grouped_matvec
@@ -330,3 +331,33 @@ def test_tree_perturbation_swaps_parents_for_their_children(monkeypatch):
     expected += model.saes[1].decode(children.indices, under_values) - model.saes[1].b_dec_D
     torch.testing.assert_close(swapped, expected)
     assert not torch.allclose(swapped, clean)
+
+
+def test_moe_experts_initialised_from_data_split_each_parent_into_its_true_children():
+    """Two parents, each with three children at 120° in a plane orthogonal to it (s=2 < C=3, as the paper's 16
+    children in 4 dimensions); with the parents in place, one data initialisation gives every true child its
+    own learned child (a random start gives each expert's children arbitrary shares of its tokens)."""
+    from trainer.models.moe import init_experts
+
+    d, C = 24, 3
+    g = torch.Generator().manual_seed(0)
+    basis = torch.linalg.qr(torch.randn(d, d, generator=g)).Q.T  # orthonormal rows
+    angles = torch.tensor([0.0, 2.0944, 4.1888])
+    planes = basis[2:6].view(2, 2, d)
+    parents = basis[:2]
+    children = angles.cos()[None, :, None] * planes[:, :1] + angles.sin()[None, :, None] * planes[:, 1:]
+    p = torch.randint(0, 2, (3000,), generator=g)
+    c = torch.randint(0, C, (3000,), generator=g)
+    x = parents[p] + 0.5 * children[p, c] + 0.01 * torch.randn(3000, d, generator=g)
+    model = build_model(ArchConfig(arch="moe", width=2, k=1, children=C, subspace=2, center=False), d, seed=0)
+    with torch.no_grad():
+        model.W_dec_FD.copy_(parents)
+        model.W_enc_DF.copy_(parents.T)
+    x_n = model.normalize(x)[0]
+    assert init_experts(model, x_n, only_starved=False) == 2
+    learned = model.encode(x)[1].indices[:, 0]
+    for true in range(2 * C):
+        rows = (p * C + c) == true
+        values, counts = learned[rows].unique(return_counts=True)
+        assert counts.max().item() / rows.sum().item() > 0.98, (true, values, counts)
+    assert len(learned.unique()) == 2 * C  # and no two true children share a learned one

@@ -12,7 +12,9 @@ included), so its decoder direction is compared; a moe child adds only its own p
 so its direction is that of the mean reconstruction it and its parent give while it fires.
 
 Measured (data seed 0, model seed 0; in brackets the range over 4 seed pairs: (0,0), (1,0), (0,1), (2,2)):
-  moe    edge precision 0.99 [0.96-1.00], recall 0.81 [0.77-0.83]; P(parent|child) 1, Hamming 0 by design
+  moe    edge precision 0.89, recall 0.95 (project preset: experts initialised from data; with the paper's
+         random init 0.99 [0.96-1.00] and 0.81 [0.77-0.83]); P(parent|child) 1 by design, P(any child | parent)
+         0.99: a kept child whose leaky value is not > 0 is not active
   tree   edge precision 0.98 [0.98-1.00], recall 0.86 [0.73-0.92]  (the defaults: co-activation re-assignment)
          own tree:           P(parent|child) 0.975 [0.943-0.989], Hamming (Jaccard) 0.071 [0.030-0.164]
   topk + posthoc (co-activation tree): P(parent|child) 0.956 [0.940-0.981], Hamming 0.109 [0.036-0.170]
@@ -112,7 +114,7 @@ def test_moe_recovers_the_true_tree(moe, truth):
     parents = match_features(moe.decoder_directions(0), truth.parent_dirs_PD, PARENT_MATCH)
     children = match_features(moe_child_vectors(moe, codes), truth.child_dirs_CD, CHILD_MATCH)
     precision, recall = edge_recovery(moe.edges(), parents, children, truth)
-    assert precision >= 0.9 and recall >= 0.7, (precision, recall)
+    assert precision >= 0.85 and recall >= 0.9, (precision, recall)
 
 
 def test_tree_recovers_the_true_tree(tree, truth):
@@ -147,7 +149,7 @@ def test_moe_hierarchy_beats_independent_saes_with_a_posthoc_tree(moe, truth, ba
     theirs = baseline[2].summary()
     assert ours["p_parent_given_child"] > theirs["p_parent_given_child"] + 0.02
     assert ours["hamming_jaccard"] < theirs["hamming_jaccard"] - 0.02
-    assert ours["p_any_child_given_parent"] == 1.0
+    assert ours["p_any_child_given_parent"] >= 0.97
 
 
 def test_tree_hierarchy_beats_independent_saes_with_a_posthoc_tree(tree, truth, baseline):

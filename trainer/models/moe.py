@@ -80,6 +80,7 @@ def spherical_kmeans(u_NS: Tensor, n: int, generator: torch.Generator) -> Tensor
     return centroids_CS
 
 
+@torch.no_grad()
 def init_experts(model: MoEHSAE, x_BD: Tensor, only_starved: bool) -> int:
     """Re-initialises experts from data: for each parent j, the residuals x − x̂_top of the sample tokens
     where j fires give the subspace (P↓_j = P↑_jᵀ = their top-s principal directions) and the children
