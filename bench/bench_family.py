@@ -16,19 +16,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trainer.config import RunConfig  # noqa: E402
-from trainer.data import TensorSource  # noqa: E402
-from trainer.models import build_model  # noqa: E402
-from trainer.synthetic import FAMILY, Hierarchy, Recovery, make, recovery  # noqa: E402
-from trainer.train import train  # noqa: E402
+from trainer.synthetic import FAMILY, make, train_and_judge  # noqa: E402
 
 # name -> (arch, preset, fields switched back to the paper's)
 VARIANTS: dict[str, tuple[str, str, dict, dict]] = {
@@ -43,24 +37,6 @@ VARIANTS: dict[str, tuple[str, str, dict, dict]] = {
 }
 
 
-def fit(truth: Hierarchy, arch: str, preset: str, arch_over: dict, train_over: dict, seed: int,
-        steps: int, batch: int) -> Recovery:
-    sizes = truth.spec.model_sizes()[arch]
-    run_cfg = RunConfig.compose(
-        {**sizes, **arch_over},
-        {"batch_size": batch, "steps": steps, "seed": seed, "checkpoint_every": 0, "log_every": steps,
-         "progress": False, "device": "cpu", **train_over},
-        preset,
-    )
-    model = build_model(run_cfg.arch, truth.spec.d, seed=seed)
-    with tempfile.TemporaryDirectory() as run_dir:
-        train(model, TensorSource(truth.x_ND), run_cfg.train, run_dir, model_info={"name": "synthetic"})
-    model.eval()
-    with torch.no_grad():
-        codes = model.encode(torch.from_numpy(truth.x_ND))
-    return recovery(codes[0].indices, codes[1].indices, tuple(model.level_widths[:2]), model.edges(), truth)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=3)
@@ -70,10 +46,9 @@ def main() -> None:
     parser.add_argument("--only", default="", help="comma-separated generator names")
     parser.add_argument("--variants", default="", help="comma-separated variant names (default: all)")
     args = parser.parse_args()
-    torch.set_num_threads(1)  # tiny models: a second thread only adds contention
     gens = [s for s in FAMILY if not args.only or s.name in args.only.split(",")]
     variants = {k: v for k, v in VARIANTS.items() if not args.variants or k.strip() in args.variants.split(",")}
-    print(f"device: cpu ({torch.get_num_threads()} thread), {args.steps} steps of {args.batch}, "
+    print(f"device: cpu (1 thread), {args.steps} steps of {args.batch}, "
           f"{args.rows} rows, seeds 0..{args.seeds - 1}")
     print("cells: parents found / children found / edge precision, mean over seeds (min children)")
     header = f"{'variant':28s}" + "".join(f"{g.name:>24s}" for g in gens)
@@ -83,7 +58,8 @@ def main() -> None:
         cells, start = [], time.perf_counter()
         for g in gens:
             runs = [
-                fit(truths[g.name, s], arch, preset, arch_over, train_over, s, args.steps, args.batch)
+                train_and_judge(truths[g.name, s], arch, s, preset=preset, arch_fields=arch_over,
+                                train_fields=train_over, steps=args.steps, batch=args.batch)
                 for s in range(args.seeds)
             ]
             mean = [sum(getattr(r, f) for r in runs) / len(runs)

@@ -160,7 +160,6 @@ class ArchConfig:
                 self.assign_by in ("coactivation", "encoder", "decoder"),
                 f"assign_by must be coactivation, encoder or decoder, got {self.assign_by!r}",
             )
-            _check(self.reassign_tokens >= 1, f"reassign_tokens must be >= 1, got {self.reassign_tokens}")
             _check(
                 0 <= self.unassigned_fraction < 1,
                 f"unassigned_fraction must be in [0, 1), got {self.unassigned_fraction}",
@@ -187,9 +186,9 @@ class ArchConfig:
                 all(0 < f < 1 for f in self.expert_init_at),
                 f"expert_init_at must hold fractions of the run in (0, 1), got {self.expert_init_at}",
             )
-            _check(self.reassign_tokens >= 1, f"reassign_tokens must be >= 1, got {self.reassign_tokens}")
             for name in ("l1_coef", "ortho_coef", "top_recon_coef"):
                 _check(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+        _check(self.reassign_tokens >= 1, f"reassign_tokens must be >= 1, got {self.reassign_tokens}")
         _check(self.aux_k is None or self.aux_k >= 1, f"aux_k must be >= 1, got {self.aux_k}")
         _check(self.aux_coef >= 0, f"aux_coef must be >= 0, got {self.aux_coef}")
 
@@ -350,8 +349,7 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunConfig:
-        unknown = sorted(set(data) - {"arch", "train"})
-        _check(not unknown, f"unknown config section(s): {', '.join(unknown)} (expected arch, train)")
+        _check_sections(data)
         return cls(ArchConfig.from_dict(data.get("arch", {})), TrainConfig.from_dict(data.get("train", {})))
 
     @classmethod
@@ -385,8 +383,12 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     except (OSError, json.JSONDecodeError) as err:
         raise ConfigError(f"cannot read config file {path}: {err}") from None
     _check(isinstance(data, dict), f"config file {path} must hold a JSON object")
+    _check_sections(data)
+    return data
+
+
+def _check_sections(data: dict[str, Any]) -> None:
     unknown = sorted(set(data) - {"arch", "train"})
     _check(not unknown, f"unknown config section(s): {', '.join(unknown)} (expected arch, train)")
     for section in ("arch", "train"):
         _check(isinstance(data.get(section, {}), dict), f"config section {section!r} must be a JSON object")
-    return data

@@ -22,10 +22,7 @@ from torch import Tensor
 
 from trainer.coactivation import CoactivationCounts
 from trainer.models import HSAE, LevelCode
-
-
-def _tokens_like(indices_BK: Tensor) -> Tensor:
-    return torch.arange(indices_BK.shape[0], device=indices_BK.device).unsqueeze(1).expand_as(indices_BK)
+from trainer.models.base import tokens_like
 
 
 @dataclass
@@ -72,12 +69,12 @@ class HierarchyStats:
             width = self.level_widths[level - 1]
             parent_on = parent.indices >= 0
             parent_keys = torch.unique(
-                _tokens_like(parent.indices)[parent_on] * width + parent.indices[parent_on]
+                tokens_like(parent.indices)[parent_on] * width + parent.indices[parent_on]
             )
             child_idx = child.indices.clamp(min=0)
             child_parent = parent_of[child_idx]
             child_on = (child.indices >= 0) & (child_parent >= 0)
-            child_keys = _tokens_like(child.indices)[child_on] * width + child_parent[child_on]
+            child_keys = tokens_like(child.indices)[child_on] * width + child_parent[child_on]
             both = torch.isin(child_keys, parent_keys)
             self.coactive[level] += torch.bincount(
                 child_idx[child_on][both], minlength=self.level_widths[level]

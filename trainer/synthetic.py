@@ -21,7 +21,9 @@ correct when the child's best-IoU true child is a child of the parent's best-IoU
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -214,3 +216,41 @@ def recovery(
         edge_precision=correct / judged if judged else 0.0,
         edge_recall=len(found) / C,
     )
+
+
+def train_and_judge(
+    truth: Hierarchy,
+    arch: str,
+    seed: int,
+    *,
+    preset: str = "project",
+    arch_fields: dict[str, Any] | None = None,
+    train_fields: dict[str, Any] | None = None,
+    steps: int = 3000,
+    batch: int = 1024,
+) -> Recovery:
+    """Trains `arch` on `truth` as `hsae train` would with only the sizes given (`model_sizes`, `steps`,
+    `batch`; `arch_fields` / `train_fields` override single fields), on one CPU thread, and judges it."""
+    from trainer.config import RunConfig
+    from trainer.data import TensorSource
+    from trainer.models import build_model
+    from trainer.train import train
+
+    run_cfg = RunConfig.compose(
+        {**truth.spec.model_sizes()[arch], **(arch_fields or {})},
+        {"batch_size": batch, "steps": steps, "seed": seed, "checkpoint_every": 0, "log_every": steps,
+         "progress": False, "device": "cpu", **(train_fields or {})},
+        preset,
+    )
+    model = build_model(run_cfg.arch, truth.spec.d, seed=seed)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: a second thread only adds contention
+    try:
+        with tempfile.TemporaryDirectory() as run_dir:
+            train(model, TensorSource(truth.x_ND), run_cfg.train, run_dir, model_info={"name": "synthetic"})
+    finally:
+        torch.set_num_threads(threads)
+    model.eval()
+    with torch.no_grad():
+        codes = model.encode(torch.from_numpy(truth.x_ND))
+    return recovery(codes[0].indices, codes[1].indices, tuple(model.level_widths[:2]), model.edges(), truth)

@@ -262,7 +262,7 @@ def train(
             tracker.update(out.codes)
             done = step + 1
             if model.reassign_due(done):
-                for param in model.reassign(_reassign_sample(model, source, cfg, done, device)):
+                for param in model.reassign(_reassign_sample(model, source, cfg, done, device), done):
                     optimizer.state.pop(param, None)  # stale moments would push fresh weights off at once
             if done % cfg.log_every == 0 or done == total:
                 now = time.perf_counter()

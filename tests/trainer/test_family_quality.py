@@ -20,13 +20,8 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-import torch
 
-from trainer.config import RunConfig
-from trainer.data import TensorSource
-from trainer.models import build_model
-from trainer.synthetic import FAMILY, Recovery, make, recovery
-from trainer.train import train
+from trainer.synthetic import FAMILY, Recovery, make, train_and_judge
 
 pytestmark = pytest.mark.slow
 
@@ -42,30 +37,13 @@ FLOORS = {
 }
 
 
-def fit_and_judge(spec, seed: int, preset: str, tmp_path) -> Recovery:
-    truth = make(spec, ROWS, seed=seed)
-    run_cfg = RunConfig.compose(
-        spec.model_sizes()["moe"],
-        {"batch_size": BATCH, "steps": STEPS, "seed": seed, "checkpoint_every": 0, "log_every": STEPS,
-         "progress": False, "device": "cpu"},
-        preset,
-    )
-    model = build_model(run_cfg.arch, spec.d, seed=seed)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        train(model, TensorSource(truth.x_ND), run_cfg.train, tmp_path, model_info={"name": "synthetic"})
-    finally:
-        torch.set_num_threads(threads)
-    model.eval()
-    with torch.no_grad():
-        codes = model.encode(torch.from_numpy(truth.x_ND))
-    return recovery(codes[0].indices, codes[1].indices, tuple(model.level_widths), model.edges(), truth)
+def fit_and_judge(spec, seed: int, preset: str) -> Recovery:
+    return train_and_judge(make(spec, ROWS, seed=seed), "moe", seed, preset=preset, steps=STEPS, batch=BATCH)
 
 
 @pytest.mark.parametrize("spec", FAMILY, ids=[s.name for s in FAMILY])
-def test_moe_defaults_recover_the_tree_of_every_generator(spec, tmp_path):
-    results = [fit_and_judge(spec, seed, "project", tmp_path / f"s{seed}") for seed in SEEDS]
+def test_moe_defaults_recover_the_tree_of_every_generator(spec):
+    results = [fit_and_judge(spec, seed, "project") for seed in SEEDS]
     print(spec.name, [dataclasses.asdict(r) for r in results])
     parents, children, precision = FLOORS[spec.name]
     for r in results:
@@ -73,11 +51,11 @@ def test_moe_defaults_recover_the_tree_of_every_generator(spec, tmp_path):
         assert r.edge_precision >= precision, r
 
 
-def test_project_preset_finds_the_children_the_paper_preset_loses(tmp_path):
+def test_project_preset_finds_the_children_the_paper_preset_loses():
     """The independent hierarchy of issue 11 (leaning children with their own magnitudes): the paper's
     settings found 0.14 of the children, the project's 0.98 (seed 0)."""
     spec = next(s for s in FAMILY if s.name == "leaning")
-    ours = fit_and_judge(spec, 0, "project", tmp_path / "project")
-    paper = fit_and_judge(spec, 0, "paper", tmp_path / "paper")
+    ours = fit_and_judge(spec, 0, "project")
+    paper = fit_and_judge(spec, 0, "paper")
     assert ours.children_found >= paper.children_found + 0.4, (ours, paper)
     assert ours.parents_found >= paper.parents_found - 0.05, (ours, paper)

@@ -69,6 +69,11 @@ def topk_relu(pre_BF: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return values_BK, torch.where(values_BK > 0, indices_BK, -1)
 
 
+def tokens_like(indices_BK: Tensor) -> Tensor:
+    """int64 [B, K]: each slot's token (row) index."""
+    return torch.arange(indices_BK.shape[0], device=indices_BK.device).unsqueeze(1).expand_as(indices_BK)
+
+
 def unit_rows(W: Tensor, dim: int = -1) -> Tensor:
     return W / W.norm(dim=dim, keepdim=True).clamp_min(EPS)
 
@@ -91,7 +96,7 @@ class HSAE(nn.Module):
         self.cfg = cfg
         self.d_in = d_in
         self.register_buffer("input_scale", torch.ones(()))
-        # subtracted before scaling when the architecture centres its inputs (`center_D`), else zeros
+        # subtracted before scaling when the architecture centres its inputs (`centers_inputs`), else zeros
         self.register_buffer("input_mean_D", torch.zeros(d_in))
 
     # ---- sizes and structure -------------------------------------------------------------------------
@@ -152,14 +157,9 @@ class HSAE(nn.Module):
 
     def normalization_info(self) -> dict[str, Any]:
         if self.normalization == "unit_norm":
-            if self.centers_inputs():
-                return {
-                    "kind": "unit_norm",
-                    "centered": True,
-                    "description": "the training data's mean (input_mean_D) subtracted, then every token scaled "
-                    "to norm 1",
-                }
-            return {"kind": "unit_norm", "centered": False, "description": "every token scaled to norm 1"}
+            centered = self.centers_inputs()
+            first = "the training data's mean (input_mean_D) subtracted, then " if centered else ""
+            return {"kind": "unit_norm", "centered": centered, "description": first + "every token scaled to norm 1"}
         return {
             "kind": "constant",
             "scale": float(self.input_scale),
@@ -236,9 +236,10 @@ class HSAE(nn.Module):
         """How many training rows `reassign` wants to see (0: it needs none)."""
         return 0
 
-    def reassign(self, sample_raw_ND: Tensor | None = None) -> list[nn.Parameter]:
-        """Rebuilds the architecture's tree, from `reassign_tokens()` raw training rows when it wants any.
-        Returns the parameters it re-initialised, whose optimizer state the loop then clears."""
+    def reassign(self, sample_raw_ND: Tensor | None = None, step: int = 0) -> list[nn.Parameter]:
+        """Rebuilds the architecture's tree, from `reassign_tokens()` raw training rows when it wants any;
+        `step` is the one `reassign_due` said yes to. Returns the parameters it re-initialised, whose optimizer
+        state the loop then clears."""
         return []
 
     # ---- checkpoint ----------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from trainer.config import ArchConfig
-from trainer.models.base import EPS, HSAE, LevelCode, StepOutput, sparse_decode, unit_rows
+from trainer.models.base import EPS, HSAE, LevelCode, StepOutput, sparse_decode, tokens_like, unit_rows
 from trainer.models.registry import register
 
 LEAK = 0.01
@@ -92,18 +92,17 @@ def init_experts(model: MoEHSAE, x_BD: Tensor, only_starved: bool) -> int:
     Experts with fewer than 4·C tokens in the sample keep their weights. With `only_starved`, only experts
     with a child that takes less than 1/(4C) of the expert's tokens are redone. Returns the count redone."""
     C, S = model.n_children, model.subspace_dim
-    codes, _, _, _ = model._codes(x_BD)
+    codes, kept, _, _ = model._codes(x_BD)
     parent = codes[0]
     on_BK = parent.indices >= 0
     residual_BD = x_BD - model.decode(codes, level=0)
-    tokens_N = torch.arange(len(x_BD), device=x_BD.device).unsqueeze(1).expand_as(parent.indices)[on_BK]
+    tokens_N = tokens_like(parent.indices)[on_BK]
     experts_N = parent.indices[on_BK]
     order = torch.argsort(experts_N, stable=True)
     tokens_N, experts_N = tokens_N[order], experts_N[order]
     counts_F = torch.bincount(experts_N, minlength=model.n_parents)
     starts_F = (counts_F.cumsum(0) - counts_F).tolist()
     if only_starved:
-        _, kept, _, _ = model._codes(x_BD)
         on = kept.indices >= 0
         use_FC = torch.bincount(kept.indices[on], minlength=model.n_parents * C).view(-1, C).float()
         starved_F = (use_FC < use_FC.sum(1, keepdim=True) / (4 * C)).any(1)
@@ -272,19 +271,17 @@ class MoEHSAE(HSAE):
         self.init_steps = {max(1, round(f * total_steps)) for f in self.cfg.expert_init_at}
 
     def reassign_due(self, step: int) -> bool:
-        self._due_step = step  # which scheduled re-initialisation `reassign` performs (resume-safe)
         return step in self.init_steps
 
     def reassign_tokens(self) -> int:
         return self.cfg.reassign_tokens if self.init_steps else 0
 
     @torch.no_grad()
-    def reassign(self, sample_raw_ND: Tensor | None = None) -> list[nn.Parameter]:
+    def reassign(self, sample_raw_ND: Tensor | None = None, step: int = 0) -> list[nn.Parameter]:
         """Re-initialises experts from what their parents leave unexplained (see `init_experts`): at the
         first scheduled step every expert, later only those with a starved child."""
         if sample_raw_ND is None:
             raise ValueError("re-initialising experts needs a sample of activations")
-        first = getattr(self, "_due_step", 0) <= min(self.init_steps, default=0)
         x_BD = self.normalize(sample_raw_ND.to(self.W_dec_FD.device).float())[0]
-        init_experts(self, x_BD, only_starved=not first)
+        init_experts(self, x_BD, only_starved=step > min(self.init_steps, default=0))
         return [self.P_down_FSD, self.P_up_FSD, self.E_enc_FCS, self.D_dec_FCS]

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from trainer.config import ArchConfig
 from trainer.coactivation import CoactivationCounts, pair_keys
-from trainer.models.base import HSAE, LevelCode, SaeLensLevel, StepOutput, sparse_decode, unit_rows
+from trainer.models.base import HSAE, LevelCode, SaeLensLevel, StepOutput, sparse_decode, tokens_like, unit_rows
 from trainer.models.registry import register
 from trainer.models.topk import TopKLevel
 
@@ -115,10 +115,6 @@ def group_keys(tokens_N: Tensor, latents_N: Tensor, width: int) -> Tensor:
     return tokens_N * width + latents_N
 
 
-def _tokens_like(indices_BK: Tensor) -> Tensor:
-    return torch.arange(indices_BK.shape[0], device=indices_BK.device).unsqueeze(1).expand_as(indices_BK)
-
-
 def _bag_sum(W_dec_FD: Tensor, latents_N: Tensor, values_N: Tensor, group_N: Tensor, n_groups: int) -> Tensor:
     """[n_groups, D]: Σ values·W_dec[latent] per group (empty groups give 0)."""
     order = torch.argsort(group_N)
@@ -159,7 +155,7 @@ class TreeHSAE(HSAE):
         return self.cfg.reassign_tokens if self.cfg.assign_by == "coactivation" else 0
 
     @torch.no_grad()
-    def reassign(self, sample_raw_ND: Tensor | None = None) -> list[nn.Parameter]:
+    def reassign(self, sample_raw_ND: Tensor | None = None, step: int = 0) -> list[nn.Parameter]:
         """Moves every child to its best parent: by co-activation over `sample_raw_ND` (the rows encoded by
         the current model), or by encoder or decoder cosine (then the sample is not needed)."""
         if self.cfg.assign_by == "coactivation":
@@ -248,9 +244,9 @@ class TreeHSAE(HSAE):
         swapped_BK = on_BK & (draw_BK < self.cfg.perturb_rate)
         kept_BD = sae.decode(code.indices, torch.where(swapped_BK, 0, code.values))
         child = codes[level + 1]
-        swapped_keys = group_keys(_tokens_like(code.indices)[swapped_BK], code.indices[swapped_BK], sae.width)
+        swapped_keys = group_keys(tokens_like(code.indices)[swapped_BK], code.indices[swapped_BK], sae.width)
         child_parent_BJ = self.parent_of(level + 1)[child.indices.clamp(min=0)]
-        child_keys_BJ = group_keys(_tokens_like(child.indices), child_parent_BJ, sae.width)
+        child_keys_BJ = group_keys(tokens_like(child.indices), child_parent_BJ, sae.width)
         under_swapped_BJ = (child.indices >= 0) & (child_parent_BJ >= 0)
         under_swapped_BJ &= torch.isin(child_keys_BJ, swapped_keys)
         child_values_BJ = torch.where(under_swapped_BJ, child.values, 0)
@@ -269,8 +265,8 @@ class TreeHSAE(HSAE):
         p_on = (parent.indices >= 0) & self._has_children(level - 1)[parent.indices.clamp(min=0)]
         child_parent = self.parent_of(level)[child.indices.clamp(min=0)]
         c_on = (child.indices >= 0) & (child_parent >= 0)
-        p_keys = group_keys(_tokens_like(parent.indices)[p_on], parent.indices[p_on], width)
-        c_keys = group_keys(_tokens_like(child.indices)[c_on], child_parent[c_on], width)
+        p_keys = group_keys(tokens_like(parent.indices)[p_on], parent.indices[p_on], width)
+        c_keys = group_keys(tokens_like(child.indices)[c_on], child_parent[c_on], width)
         groups, inverse = torch.unique(torch.cat([p_keys, c_keys]), return_inverse=True)
         if groups.numel() == 0:
             return parent.values.new_zeros(())
