@@ -103,7 +103,8 @@ def encode_cmd(
     out: Annotated[Path, typer.Option(help="Output .safetensors file.")],
     corpus: Corpus = None,
     activations: Activations = None,
-    tokens: Annotated[int, typer.Option(help="Tokens to encode from a corpus.")] = 20_000,
+    tokens: Annotated[int | None, typer.Option(
+        help="Rows to encode [default: all of an --activations file; 20000 tokens of a corpus].")] = None,
     device: Device = "auto",
 ) -> None:
     """Sparse codes of every level: level_{i}_indices (-1 = unused) and level_{i}_values, [N, K_i]."""

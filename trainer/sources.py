@@ -24,15 +24,15 @@ class DataSpec:
     """demo, a .txt file, a folder, a .jsonl with a text field, or hf:NAME[:split]."""
     activations: str | None = None
     """A float [N, d] matrix (.npy or .safetensors tensor `activations`); no language model is run."""
-    tokens: int = DEFAULT_TOKENS
-    """How many tokens of activations to draw from the corpus."""
+    tokens: int | None = DEFAULT_TOKENS
+    """How many tokens of activations to draw from the corpus, or rows to read from the file; None: all."""
     context_len: int = DEFAULT_CONTEXT_LEN
     device: str = "auto"
 
     def __post_init__(self) -> None:
         if self.corpus is not None and self.activations is not None:
             raise HSAEError("give either --corpus or --activations, not both")
-        if self.tokens < 1:
+        if self.tokens is not None and self.tokens < 1:
             raise HSAEError(f"--tokens must be positive, got {self.tokens}")
         if self.context_len < 2:
             raise HSAEError(f"context length must be at least 2, got {self.context_len}")
@@ -50,7 +50,7 @@ class OpenedData:
 def open_data(spec: DataSpec) -> OpenedData:
     if spec.activations is not None:
         source: TensorSource | ShardSource = load_activation_file(spec.activations)
-        if spec.tokens < source.num_rows:
+        if spec.tokens is not None and spec.tokens < source.num_rows:
             source = TensorSource(source.rows_ND[: spec.tokens])
         return OpenedData(
             source=source,

@@ -28,6 +28,7 @@ from trainer.sources import DataSpec, OpenedData, open_data
 from trainer.train import train
 
 EVAL_TOKENS = 20_000
+ENCODE_CORPUS_TOKENS = 20_000
 CE_CONTEXTS = 16
 
 
@@ -142,10 +143,11 @@ def run_eval(run_dir: Path, corpus: str | None, activations: str | None, tokens:
     return metrics, table
 
 
-def run_encode(run_dir: Path, corpus: str | None, activations: str | None, tokens: int, device: str,
+def run_encode(run_dir: Path, corpus: str | None, activations: str | None, tokens: int | None, device: str,
                out: Path) -> dict[str, Any]:
     """Contract 1: per level i, level_{i}_indices (int64, -1 = unused slot) and level_{i}_values, [N, K_i];
-    from a corpus also token_ids [N] and context_position [N, 2] so rows can be traced back to text."""
+    from a corpus also token_ids [N] and context_position [N, 2] so rows can be traced back to text.
+    `tokens` limits the rows; None: every row of an activations file, ENCODE_CORPUS_TOKENS of a corpus."""
     from safetensors.torch import save_file
 
     if (corpus is None) == (activations is None):
@@ -156,6 +158,8 @@ def run_encode(run_dir: Path, corpus: str | None, activations: str | None, token
     model_info = cfg.get("model") or {}
     if corpus is not None and not model_info.get("name"):
         raise HSAEError(f"{run_dir} was trained without a language model: encode it with --activations FILE")
+    if tokens is None and corpus is not None:
+        tokens = ENCODE_CORPUS_TOKENS
     spec = DataSpec(model=model_info.get("name") or DataSpec.model, layer=model_info.get("layer") or 0,
                     corpus=corpus, activations=activations, tokens=tokens, device=device)
     opened = open_data(spec)

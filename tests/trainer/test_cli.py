@@ -60,6 +60,23 @@ def test_train_eval_encode_on_an_activations_file(tmp_path, acts_file):
     assert tensors["level_0_indices"].dtype == np.int64 and tensors["level_0_indices"].max() < 64
 
 
+def test_encode_reads_the_whole_activations_file_unless_tokens_limits_it(tmp_path, acts_file):
+    """The corpus default of 20,000 tokens must not cut a matrix file short; --tokens still limits it."""
+    out = tmp_path / "run"
+    assert hsae("train", "--arch", "topk", "--activations", acts_file, "--width", 16, "--k", 2, "--steps", 2,
+                "--batch", 64, "--out", out, "--device", "cpu").returncode == 0
+    big = tmp_path / "big.npy"
+    np.save(big, np.random.default_rng(1).standard_normal((20_500, 32)).astype(np.float32))
+    codes = tmp_path / "codes.safetensors"
+    proc = hsae("encode", out, "--activations", big, "--out", codes, "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    assert load_file(codes)["level_0_indices"].shape == (20_500, 2)
+    assert "wrote 20500 rows" in proc.stdout
+    proc = hsae("encode", out, "--activations", big, "--tokens", 300, "--out", codes, "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    assert load_file(codes)["level_0_values"].shape == (300, 2)
+
+
 @pytest.mark.parametrize(
     "args, pattern",
     [
