@@ -184,6 +184,11 @@ def train(
         raise ConfigError(
             f"the activations have width {source.d_in} but the model was built for d_in={model.d_in}"
         )
+    if cfg.batch_size > source.num_rows:  # checked before anything is written to run_dir
+        raise ConfigError(
+            f"batch size {cfg.batch_size} exceeds the {source.num_rows} rows of activations: "
+            "lower --batch or give more data"
+        )
     device = cfg.resolved_device()
     total = cfg.steps or max(1, source.num_rows // cfg.batch_size)
     train_state = None

@@ -17,7 +17,7 @@ import torch
 
 from trainer import checkpoint
 from trainer.activations import PAD
-from trainer.config import ArchConfig, RunConfig, TrainConfig, read_config_file
+from trainer.config import ArchConfig, ConfigError, RunConfig, TrainConfig, read_config_file
 from trainer.errors import HSAEError
 from trainer.evaluate import ce_loss_recovered, evaluate, format_metrics
 from trainer.lm import LanguageModel, resolve_device
@@ -45,6 +45,11 @@ def run_training(data: DataSpec, run_cfg: RunConfig, out: Path | None, resume: b
         if saved["arch"] != run_cfg.arch.arch:
             raise HSAEError(f"{run_dir} holds a {saved['arch']!r} run; resume it with --arch {saved['arch']}")
         data = replace(data, **_data_overrides_from(saved))
+    batch = run_cfg.train.batch_size
+    if data.activations is None and data.tokens is not None and batch > data.tokens:
+        # a corpus yields at most --tokens rows: say so before loading the model (train() checks the rows)
+        raise ConfigError(f"batch size {batch} exceeds the {data.tokens} tokens of activations asked for: "
+                          "lower --batch or raise --tokens")
     opened = open_data(data)
     run_cfg.arch.validate_for(opened.source.d_in)
     model = build_model(run_cfg.arch, opened.source.d_in, seed=run_cfg.train.seed)

@@ -116,6 +116,31 @@ def test_bad_input_is_one_line_and_overwrites_nothing(tmp_path, acts_file, args,
     assert (out / "keep.txt").read_text() == "precious"
 
 
+@pytest.mark.parametrize("source", ["npy", "safetensors", "corpus", "short corpus"])
+def test_batch_larger_than_the_data_is_one_line_and_writes_nothing(tmp_path, acts_file, tiny_corpus, source):
+    """Every activation source: exit status 2, one error line, no run directory. A corpus asked for fewer
+    tokens than a batch is refused before the model loads; one that yields fewer rows than asked for is
+    refused once they are known (after the model's own progress bars)."""
+    if source == "npy":
+        args = ["--activations", acts_file]
+    elif source == "safetensors":
+        from safetensors.numpy import save_file
+
+        path = tmp_path / "acts.safetensors"
+        save_file({"activations": np.load(acts_file)}, str(path))
+        args = ["--activations", path]
+    else:
+        args = ["--corpus", tiny_corpus, "--layer", 6, "--tokens", 300 if source == "corpus" else 100_000]
+    out = tmp_path / "run"
+    proc = hsae("train", "--arch", "topk", *args, "--width", 64, "--k", 4, "--batch", 4096, "--steps", 2,
+                "--out", out, "--device", "cpu")
+    data = {"corpus": "300 tokens", "short corpus": r"\d+ rows"}.get(source, "2048 rows")
+    assert_one_line_error(proc, rf"batch size 4096 exceeds the {data} of activations")
+    assert proc.returncode == 2 and not out.exists()
+    if source != "short corpus":
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
 def test_damaged_and_foreign_checkpoints(tmp_path, acts_file):
     foreign = tmp_path / "foreign"
     foreign.mkdir()

@@ -52,6 +52,10 @@ def _train(model, source, run_dir, resume=False, **cfg):
     return train(model, source, tiny_train_config(**cfg), run_dir, model_info=MODEL_INFO, resume=resume)
 
 
+def _files(run_dir):
+    return {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+
+
 def _logged_steps(run_dir):
     return [json.loads(line)["step"] for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
 
@@ -115,6 +119,19 @@ def test_resume_refuses_a_different_run_and_can_extend_one(source, tmp_path):
         _train(_fresh("topk", width=64), source, run, resume=True, steps=8)
     longer = _train(_fresh("topk"), source, run, resume=True, steps=8)
     assert longer.resumed_from == 5 and load_checkpoint(run)[1]["training"]["step"] == 8
+
+
+def test_a_batch_larger_than_the_data_is_refused_before_anything_is_written(arch, rows, source, tmp_path):
+    few = TensorSource(rows[:40])
+    with pytest.raises(ConfigError, match="batch size 64 exceeds the 40 rows of activations"):
+        _train(_fresh(arch), few, tmp_path / "new")
+    assert not (tmp_path / "new").exists()
+    run = tmp_path / "run"
+    _train(_fresh(arch), source, run, steps=5)
+    before = _files(run)
+    with pytest.raises(ConfigError, match="exceeds the 40 rows"):
+        _train(_fresh(arch), few, run, resume=True, steps=8)
+    assert _files(run) == before
 
 
 def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(arch, rows, tmp_path):
