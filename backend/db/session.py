@@ -9,6 +9,7 @@ PostgreSQL that needs isolation_level="REPEATABLE READ" for the read transaction
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,31 @@ def normalize_url(url: str | URL) -> URL:
     if parsed.drivername in ("postgresql", "postgres"):
         parsed = parsed.set(drivername="postgresql+psycopg")
     return parsed
+
+
+def same_database(a: str | URL, b: str | URL) -> bool:
+    """Whether two URLs name the same database, however spelled: a SQLite file by its resolved path (relative
+    to the working directory, with `.`, `..`, doubled slashes and symlinks resolved; an in-memory database is
+    never shared), a server database by backend, host, port (its default if none), user and name."""
+    url_a, url_b = normalize_url(a), normalize_url(b)
+    backend = url_a.get_backend_name()
+    if backend != url_b.get_backend_name():
+        return False
+    if backend == "sqlite":
+        path_a, path_b = _sqlite_path(url_a), _sqlite_path(url_b)
+        return path_a is not None and path_a == path_b
+    return _server_database(url_a) == _server_database(url_b)
+
+
+def _sqlite_path(url: URL) -> str | None:
+    if url.database in (None, "", ":memory:"):
+        return None
+    return os.path.realpath(url.database)
+
+
+def _server_database(url: URL) -> tuple[Any, ...]:
+    default_port = {"postgresql": 5432, "mysql": 3306, "mariadb": 3306}.get(url.get_backend_name())
+    return (url.username, url.host.lower() if url.host else None, url.port or default_port, url.database)
 
 
 def describe_url(url: str | URL) -> str:

@@ -20,8 +20,10 @@ from backend.db.session import (
     downgrade,
     make_engine,
     open_database,
+    same_database,
     schema_revision,
 )
+from trainer.index.pipeline import _prepare_database
 
 TABLES = {"runs", "features", "feature_edges", "contexts", "examples", "annotation_events"}
 
@@ -125,6 +127,52 @@ def test_upgrade_creates_sqlite_folder(tmp_path):
     url = f"sqlite:///{tmp_path / 'new' / 'dir' / 'hsae.db'}"
     assert db_upgrade(url) == head_revision()
     assert os.path.exists(tmp_path / "new" / "dir" / "hsae.db")
+
+
+SPELLINGS = [
+    "sqlite:///data/hsae.db",  # relative to the working directory
+    "sqlite:///./data/../data/hsae.db",
+    "sqlite:///{tmp}//data/./hsae.db",  # doubled slash
+    "sqlite://///{tmp}/data/hsae.db",  # extra leading slashes
+    "sqlite:///{tmp}/link/hsae.db",  # a symlink to the folder
+]
+
+
+@pytest.mark.parametrize("spelling", SPELLINGS)
+def test_same_sqlite_file_however_spelled(tmp_path, monkeypatch, spelling):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "data")
+    default = f"sqlite:///{(tmp_path / 'data' / 'hsae.db').resolve()}"
+    assert same_database(spelling.format(tmp=tmp_path), default)
+    assert not same_database(f"sqlite:///{tmp_path / 'data' / 'other.db'}", default)
+    assert not same_database("sqlite://", "sqlite:///:memory:")  # each in-memory database is its own
+
+
+def test_same_server_database_however_spelled():
+    assert same_database("postgresql://u@LocalHost/hsae", "postgresql+psycopg://u@localhost:5432/hsae")
+    assert not same_database("postgresql://u@localhost/hsae", "postgresql://u@localhost:5433/hsae")
+    assert not same_database("postgresql://u@localhost/hsae", "postgresql://u@localhost/other")
+    assert not same_database("postgresql://u@localhost/hsae", "sqlite:///hsae")
+
+
+@pytest.mark.parametrize("spelling", SPELLINGS)
+def test_index_creates_the_default_database_whichever_way_it_is_spelled(tmp_path, monkeypatch, spelling):
+    """`hsae index --db` naming the default SQLite file another way creates and migrates it all the same;
+    a database that is not the default one is still never migrated behind the user's back."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "data")
+    default = f"sqlite:///{(tmp_path / 'data' / 'hsae.db').resolve()}"
+    _prepare_database(spelling.format(tmp=tmp_path), default)
+    engine = make_engine(default)
+    try:
+        assert check_schema(engine) == head_revision()
+    finally:
+        engine.dispose()
+    other = f"sqlite:///{tmp_path / 'data' / 'other.db'}"
+    with pytest.raises(SchemaVersionError, match=r"revision <none> \(empty database\)"):
+        _prepare_database(other, default)
 
 
 def test_sqlite_has_foreign_keys_and_wal(tmp_path):

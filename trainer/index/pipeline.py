@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from backend.db.session import db_upgrade, open_database
+from backend.db.session import db_upgrade, open_database, same_database
 from trainer import checkpoint
 from trainer.activations import DEFAULT_CONTEXT_LEN, PAD, ActivationCache
 from trainer.errors import HSAEError
@@ -54,8 +54,9 @@ def token_display_table(tokenizer) -> list[str]:
 
 
 def _prepare_database(url: str, default_url: str) -> None:
-    """The embedded default database is created on first use; any other must already be at our schema."""
-    if url == default_url:
+    """The embedded default database is created on first use, whichever way its URL is spelled; any other
+    must already be at our schema."""
+    if same_database(url, default_url):
         db_upgrade(url)
     open_database(url).dispose()
 
