@@ -177,6 +177,26 @@ def list_children(
     ).all()
 
 
+def feature_position(session: Session, run_id: int, level: int, idx: int, sort: str) -> Row | None:
+    """Where a feature sits, 0-based, in `list_level` (unfiltered) and among its parent's children in
+    `list_children`, both in the order of `sort`: one query, numbering rows by the listings' own ORDER BY (the
+    children of one parent all sit on the level below it, so they are one partition of this level)."""
+    order = _order(sort)
+    siblings = [Feature.parent_level, Feature.parent_idx]
+    ranked = (
+        select(
+            Feature.idx,
+            Feature.label,
+            Feature.parent_level,
+            (func.row_number().over(order_by=order) - 1).label("in_level"),
+            (func.row_number().over(partition_by=siblings, order_by=order) - 1).label("in_parent"),
+        )
+        .where(Feature.run_id == run_id, Feature.level == level)
+        .subquery()
+    )
+    return session.execute(select(ranked).where(ranked.c.idx == idx)).one_or_none()
+
+
 def search(
     session: Session, run_id: int, term: str, level: int | None, offset: int, limit: int
 ) -> tuple[int, Sequence[Row]]:

@@ -157,6 +157,18 @@ class ChildrenPage(Model):
     items: list[ChildSummary]
 
 
+class FeaturePosition(Model):
+    """Where a feature is listed in the order of `sort`, as the offset at which each listing returns it, so a
+    client can fetch the page that holds it directly."""
+
+    feature: FeatureRef
+    sort: SortKey
+    forest_offset: int = Field(description="in GET /runs/{run}/forest?level={level}&sort={sort} (no q)")
+    children_offset: int | None = Field(
+        description="in its parent's GET .../children?sort={sort}; null for a feature without a parent"
+    )
+
+
 class FeatureStats(Model):
     fire_count: int = Field(description="tokens on which the feature is active")
     density: float = Field(description="fraction of indexed tokens on which it is active")

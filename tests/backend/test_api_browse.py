@@ -144,6 +144,7 @@ def test_unknown_feature(client, path):
     assert_error(client.get(f"{RUN}/{path}/children"), 404)
     assert_error(client.get(f"{RUN}/{path}/examples"), 404)
     assert_error(client.get(f"{RUN}/{path}/export"), 404)
+    assert_error(client.get(f"{RUN}/{path}/position"), 404)
 
 
 @pytest.mark.parametrize("path", ["features/-1/0", "features/0/2147483648", "features/x/0", "features/0/1.5"])
@@ -159,6 +160,37 @@ def test_children(client):
     assert leaf["total"] == 0 and leaf["items"] == [] and leaf["parent"]["index"] == 3
     past_end = client.get(f"{RUN}/features/0/1/children", params={"offset": 100}).json()
     assert past_end["items"] == [] and past_end["total"] == SYNTH.children
+
+
+@pytest.mark.parametrize("sort", ["index", "density", "max_act", "child_count", "label"])
+@pytest.mark.parametrize("level", [0, 1])
+def test_position_is_the_offset_in_the_listings(client, level, sort):
+    """Every feature's position is where the forest and its parent's children list it: ties (every root has
+    four children; max_act repeats) and the dead root (all its numbers zero) included."""
+    forest = client.get(f"{RUN}/forest", params={"level": level, "sort": sort, "limit": 500}).json()["items"]
+    listed = [f["index"] for f in forest]
+    assert len(listed) == SYNTH.level_widths[level]
+    for f in forest:
+        body = client.get(f"{RUN}/features/{level}/{f['index']}/position", params={"sort": sort}).json()
+        assert body["feature"] == {"level": level, "index": f["index"], "label": f["label"]}
+        assert body["sort"] == sort and body["forest_offset"] == listed.index(f["index"])
+        if level == 0:
+            assert body["children_offset"] is None
+            continue
+        parent = f["parent"]["index"]
+        siblings = client.get(f"{RUN}/features/0/{parent}/children", params={"sort": sort}).json()["items"]
+        assert body["children_offset"] == [c["index"] for c in siblings].index(f["index"])
+
+
+def test_position_of_tied_and_dead_roots(client):
+    dead = SYNTH.roots - 1
+    for sort in ("density", "max_act"):
+        body = client.get(f"{RUN}/features/0/{dead}/position", params={"sort": sort}).json()
+        assert body["forest_offset"] == SYNTH.roots - 1  # zero sorts last
+    tied = client.get(f"{RUN}/features/0/0/position", params={"sort": "child_count"}).json()
+    assert tied["forest_offset"] == SYNTH.roots - 1  # ties go by index, descending like the key
+    assert client.get(f"{RUN}/features/0/0/position").json()["forest_offset"] == 0  # default sort: index
+    assert_error(client.get(f"{RUN}/features/0/0/position", params={"sort": "nope"}), 422, "invalid_request")
 
 
 def test_examples(client):

@@ -13,6 +13,7 @@ from backend.api.schemas import (
     ExampleKind,
     ExamplesPage,
     FeatureDetail,
+    FeaturePosition,
     ForestPage,
     SortKey,
     Text,
@@ -116,6 +117,23 @@ def children(
         "offset": page.offset,
         "limit": page.limit,
         "items": [views.child_summary(row) for row in rows],
+    }
+
+
+@router.get(FEATURE + "/position", response_model=FeaturePosition, responses=views.ERRORS)
+def position(db: DbDep, run_name: RunName, level: LevelPath, index: IndexPath, sort: Sort = SortKey.index):
+    """Where the feature is listed, in the forest of its level and among its parent's children, for `sort`
+    (ties broken by index in the key's direction, as the listings do)."""
+    with db() as session:
+        run = find_run(session, run_name)
+        found = queries.feature_position(session, run.id, level, index, sort.value)
+    if found is None:
+        raise missing_feature(run, level, index)
+    return {
+        "feature": views.feature_ref(level, index, found.label),
+        "sort": sort,
+        "forest_offset": found.in_level,
+        "children_offset": found.in_parent if found.parent_level is not None else None,
     }
 
 
