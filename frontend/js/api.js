@@ -61,6 +61,8 @@ export const api = {
   feature: (run, level, index, signal) => request("GET", featureUrl(run, level, index), { signal }),
   children: (run, level, index, params, signal) =>
     request("GET", `${featureUrl(run, level, index)}/children`, { params, signal }),
+  position: (run, level, index, params, signal) =>
+    request("GET", `${featureUrl(run, level, index)}/position`, { params, signal }),
   examples: (run, level, index, params, signal) =>
     request("GET", `${featureUrl(run, level, index)}/examples`, { params, signal }),
   exportSubtree: (run, level, index, params) =>

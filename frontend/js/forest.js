@@ -20,7 +20,6 @@ const PAGE = 200;
 const CHILD_PAGE = 500;
 const OVERSCAN = 12;
 const INDENT = 20;
-const DESCENDING = new Set(["density", "max_act", "fire_count", "child_count"]);
 
 const treeEl = document.getElementById("tree");
 const spacer = document.getElementById("tree-spacer");
@@ -475,37 +474,13 @@ searchList.addEventListener("mousedown", (event) => {
 searchInput.addEventListener("blur", () => setTimeout(closeSearch, 150));
 
 // ---- focus: ?focus=level:index expands the ancestors and highlights the node ----------------------------
-/** Where a root sits in the current order: a binary search for numeric sorts, else a scan of pages. */
-async function locateRoot(root) {
-  const precedes = (item) => {
-    if (state.sort === "index") return item.index < root.index;
-    if (DESCENDING.has(state.sort)) {
-      const a = item[state.sort];
-      const b = root[state.sort];
-      return a > b || (a === b && item.index < root.index);
-    }
-    return null;
-  };
-  const probe = async (offset, limit) =>
-    (await api.forest(RUN, { level: state.level, sort: state.sort, offset, limit })).items;
-  if (precedes(root) !== null) {
-    let lo = 0;
-    let hi = state.total;
-    while (lo < hi) {
-      const mid = (lo + hi) >> 1;
-      const [item] = await probe(mid, 1);
-      if (item && precedes(item)) lo = mid + 1;
-      else hi = mid;
-    }
-    await loadPage(Math.floor(lo / PAGE));
-    if (state.roots[lo]?.key === root.key) return lo;
-  }
-  for (let page = 0; page * PAGE < state.total; page++) {
-    await loadPage(page);
-    const at = state.roots.findIndex((n) => n?.key === root.key);
-    if (at >= 0) return at;
-  }
-  return -1;
+/** Where a root sits in the current order: the server numbers the level with the listing's own order (ties
+ * and dead features included), so only the page that holds it is fetched. -1 if that page does not hold it
+ * (the list changed in between). */
+async function locateRoot(level, index) {
+  const { forest_offset: offset } = await api.position(RUN, level, index, { sort: state.sort });
+  await loadPage(Math.floor(offset / PAGE));
+  return state.roots[offset]?.key === keyOf(level, index) ? offset : -1;
 }
 
 async function focusFeature(level, index) {
@@ -514,9 +489,7 @@ async function focusFeature(level, index) {
     while (chain[0].parent) chain.unshift(await api.feature(RUN, chain[0].parent.level, chain[0].parent.index));
     if (chain[0].level !== state.level) await reset({ level: chain[0].level });
     await ready;
-    const rootSummary = { ...chain[0], ...chain[0].stats, index: chain[0].index, level: chain[0].level };
-    rootSummary.key = keyOf(rootSummary.level, rootSummary.index);
-    const offset = await locateRoot(rootSummary);
+    const offset = await locateRoot(chain[0].level, chain[0].index);
     if (offset < 0) throw new Error(`${featureId(chain[0].level, chain[0].index)} is not in this level's list`);
     let node = state.roots[offset];
     for (const step of chain.slice(1)) {

@@ -137,8 +137,12 @@ def small_run(engine: Engine, name: str = "demo-run", n_contexts: int = 300, see
     return run_id
 
 
+WIDE_DEAD_EVERY = 1000  # every 1000th root of the wide run is dead, as some latents of a real run are
+
+
 def wide_run(engine: Engine, name: str = "wide", roots: int = 10_000, children: int = 4, seed: int = 0) -> int:
-    """A two-level run with `roots` roots of `children` children each, bulk inserted (no examples)."""
+    """A two-level run with `roots` roots of `children` children each, bulk inserted (no examples). Every root
+    has the same child count (as in an MoE run), and every WIDE_DEAD_EVERY-th root is dead (all zeros)."""
     rng = np.random.default_rng(seed)
     n_tokens = 1_000_000
     with engine.begin() as conn:
@@ -151,15 +155,18 @@ def wide_run(engine: Engine, name: str = "wide", roots: int = 10_000, children: 
 
         def rows(level: int, width: int) -> list[dict]:
             fires = rng.integers(0, n_tokens // 50, width)
+            if level == 0:
+                fires[::WIDE_DEAD_EVERY] = 0
             out = []
             for i in range(width):
                 top = [[VOCAB[(i * 7 + j) % len(VOCAB)], 2.0 - 0.1 * j] for j in range(5)]
+                alive = bool(fires[i])  # a dead latent's statistics are all zero
                 out.append({
                     "run_id": run_id, "level": level, "idx": i,
                     "parent_level": None if level == 0 else 0, "parent_idx": None if level == 0 else i // children,
                     "child_count": children if level == 0 else 0, "fire_count": int(fires[i]),
-                    "density": float(fires[i]) / n_tokens, "max_act": float(rng.uniform(1, 10)),
-                    "mean_act": float(rng.uniform(0.2, 1)), "top_positive": top, "top_negative": [],
+                    "density": float(fires[i]) / n_tokens, "max_act": float(rng.uniform(1, 10)) * alive,
+                    "mean_act": float(rng.uniform(0.2, 1)) * alive, "top_positive": top, "top_negative": [],
                     "top_tokens_text": "\n".join(t for t, _ in top), "histogram": {"edges": [], "counts": []},
                     "label": f"root feature {i}" if level == 0 and i % 3 == 0 else None,
                     "note": None, "tags": [],

@@ -8,7 +8,7 @@ import pytest
 from playwright.sync_api import expect
 
 from tests.browser.conftest import LABELLED_RUN, RUN, WIDE_RUN, publish_screenshot, screenshot
-from tests.browser.runs import LEVEL_WIDTHS
+from tests.browser.runs import LEVEL_WIDTHS, WIDE_DEAD_EVERY
 
 pytestmark = pytest.mark.browser
 
@@ -106,6 +106,22 @@ def test_focus_link_expands_ancestors_and_highlights_the_node(page, server):
     expect(page.locator("#preview h1")).to_be_visible()
     expect(page.locator("#preview")).to_contain_text("L2 #30")
     screenshot(page, "forest-focus")
+
+
+@pytest.mark.parametrize("sort, index", [("child_count", 5), ("density", 3 * WIDE_DEAD_EVERY)])
+def test_focus_on_a_tied_or_dead_root_fetches_only_its_page(page, server, sort, index):
+    """All 10,000 roots of the wide run tie on child count, and its dead roots tie at zero density: the page
+    asks the server where the root is listed and fetches only that page (not every page up to it)."""
+    forest = f"/api/v1/runs/{WIDE_RUN}/forest"
+    forest_requests = []
+    page.on("request", lambda r: forest_requests.append(r.url) if forest in r.url else None)
+    page.goto(f"{server.url}/runs/{WIDE_RUN}?focus=0:{index}&sort={sort}")
+    target = row(page, 0, index)
+    expect(target).to_have_class(re.compile(r"\bfocused\b"))
+    expect(target).to_have_class(re.compile(r"\bactive\b"))
+    expect(page.locator("#preview")).to_contain_text(f"L0 #{index}")
+    page.wait_for_load_state("networkidle")
+    assert len(forest_requests) <= 3, forest_requests  # the first page, the root's page (and one in view)
 
 
 def test_search_finds_by_top_token_and_focuses_the_hit(page, server):
