@@ -1,4 +1,5 @@
-"""Contract 4: a feature's subtree as a portable document, and applying such a document's annotations.
+"""Contract 4 (docs/contracts.md#contract-4-exported-subtree): a feature's subtree as a portable document, and
+applying such a document's annotations.
 
     {"format": "hsae-subtree", "version": 1, "exported_at", "depth", "includes_examples",
      "run": {name, model, layer, hook, arch, checkpoint_digest, level_widths, n_tokens},

@@ -1,4 +1,5 @@
-"""Contract 2: the checkpoint directory, read and written only here (format "hsae-checkpoint", version 1).
+"""Contract 2 (docs/contracts.md#contract-2-checkpoint-directory): the checkpoint directory, read and written
+only here (format "hsae-checkpoint", version 1).
 
     cfg.json             format, version, arch, d_in, levels, model, normalization, training, data,
                          arch_config (the ArchConfig fields)

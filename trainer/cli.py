@@ -1,4 +1,6 @@
-"""`hsae`: the command line (Contract 1 of DESIGN.md). Commands stay thin: they parse, then call the library."""
+"""`hsae`: the command line (docs/contracts.md#contract-1-command-line).
+
+Commands stay thin: they parse, then call the library."""
 
 from __future__ import annotations
 

@@ -150,8 +150,9 @@ def run_eval(run_dir: Path, corpus: str | None, activations: str | None, tokens:
 
 def run_encode(run_dir: Path, corpus: str | None, activations: str | None, tokens: int | None, device: str,
                out: Path) -> dict[str, Any]:
-    """Contract 1: per level i, level_{i}_indices (int64, -1 = unused slot) and level_{i}_values, [N, K_i];
-    from a corpus also token_ids [N] and context_position [N, 2] so rows can be traced back to text.
+    """docs/contracts.md#hsae-encode-output: per level i, level_{i}_indices (int64, -1 = unused slot) and
+    level_{i}_values, [N, K_i]; from a corpus also token_ids [N] and context_position [N, 2] so rows can be
+    traced back to text.
     `tokens` limits the rows; None: every row of an activations file, ENCODE_CORPUS_TOKENS of a corpus."""
     from safetensors.torch import save_file
 

@@ -1,5 +1,6 @@
-// The JSON API (Contract 3) and write access. Writes carry `Authorization: Bearer <token>` when the user
-// pasted a token (kept in localStorage); a server started with --local accepts writes without one.
+// The JSON API (docs/contracts.md#contract-3-http-api) and write access. Writes carry
+// `Authorization: Bearer <token>` when the user pasted a token (kept in localStorage); a server started with
+// --local accepts writes without one.
 
 const BASE = "/api/v1";
 const TOKEN_KEY = "hsae.writeToken";
