@@ -3,18 +3,20 @@
 For each member of `trainer.synthetic.FAMILY` and each seed, trains the MoE H-SAE with the project preset, the
 paper preset, and the project preset with one ingredient switched back to the paper's, then prints the
 fraction of true parents and children found (a learned latent whose firing rows have IoU ≥ 0.5 with the
-true feature's) and the edge precision. The tree is shown with both presets. Sizes are those a user would
-give (`HierarchySpec.model_sizes`); everything else is the preset's default.
+true feature's) and the edge precision. The same for the Tree HSAE, whose project preset differs from the
+paper's by the data initialisation of children and the co-activation re-assignment. Sizes are those a user
+would give (`HierarchySpec.model_sizes`); everything else is the preset's default.
 
     .venv/bin/python bench/bench_family.py [--seeds 3] [--steps 3000] [--rows 60000] [--only NAME,...]
 
-About 30-60 s per model on one CPU thread; the full table (5 generators x 3 seeds x 6 models) takes ~1 h
-on the 2-core development machine, so --only and --seeds pick a part.
+About 30-60 s per model on one CPU thread, one process per core; the full table (5 generators x 3 seeds x 9
+models) takes ~45 min on the 2-core development machine, so --only, --variants and --seeds pick a part.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -22,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trainer.synthetic import FAMILY, make, train_and_judge  # noqa: E402
+from trainer.synthetic import FAMILY, Job, judge_in_parallel  # noqa: E402
 
 # name -> (arch, preset, fields switched back to the paper's)
 VARIANTS: dict[str, tuple[str, str, dict, dict]] = {
@@ -34,6 +36,7 @@ VARIANTS: dict[str, tuple[str, str, dict, dict]] = {
     "  - L1 on kept children": ("moe", "project", {"child_l1": "all"}, {}),
     "tree project": ("tree", "project", {}, {}),
     "tree paper": ("tree", "paper", {}, {}),
+    "  - data init of children": ("tree", "project", {"child_init_at": []}, {}),
 }
 
 
@@ -48,20 +51,19 @@ def main() -> None:
     args = parser.parse_args()
     gens = [s for s in FAMILY if not args.only or s.name in args.only.split(",")]
     variants = {k: v for k, v in VARIANTS.items() if not args.variants or k.strip() in args.variants.split(",")}
-    print(f"device: cpu (1 thread), {args.steps} steps of {args.batch}, "
+    print(f"device: cpu (1 thread per model, {os.cpu_count()} processes), {args.steps} steps of {args.batch}, "
           f"{args.rows} rows, seeds 0..{args.seeds - 1}")
     print("cells: parents found / children found / edge precision, mean over seeds (min children)")
     header = f"{'variant':28s}" + "".join(f"{g.name:>24s}" for g in gens)
     print(header)
-    truths = {(g.name, s): make(g, args.rows, seed=s) for g in gens for s in range(args.seeds)}
     for name, (arch, preset, arch_over, train_over) in variants.items():
-        cells, start = [], time.perf_counter()
+        start = time.perf_counter()
+        jobs = [Job(g.name, arch, s, preset, arch_over, train_over, args.steps, args.batch, args.rows)
+                for g in gens for s in range(args.seeds)]
+        results = iter(judge_in_parallel(jobs))
+        cells = []
         for g in gens:
-            runs = [
-                train_and_judge(truths[g.name, s], arch, s, preset=preset, arch_fields=arch_over,
-                                train_fields=train_over, steps=args.steps, batch=args.batch)
-                for s in range(args.seeds)
-            ]
+            runs = [next(results) for _ in range(args.seeds)]
             mean = [sum(getattr(r, f) for r in runs) / len(runs)
                     for f in ("parents_found", "children_found", "edge_precision")]
             low = min(r.children_found for r in runs)

@@ -110,6 +110,14 @@ class ArchConfig:
     of what their parent leaves unexplained, children by spherical k-means in that subspace): all experts the
     first time, later only experts with a starved child. Empty = never (the paper: random init only)."""
 
+    child_init_at: list[float] = field(default_factory=lambda: [0.3, 0.6])
+    """`tree`: fractions of the run at which children are initialised from data (every level below the top,
+    top first): each parent's events (its own contribution plus what its level leaves unexplained) are split
+    by spherical k-means into its share of the level below, each child assigned to that parent, encoders
+    fitted as least-squares read-outs. All children the first time, later only the children of parents with
+    a starved child. Empty = never (the paper: random init, tree from the first re-assignment). The first
+    round waits until the top level has learned its features: at 10% of the run it found fewer children."""
+
     ortho_coef: float = 0.1
     """`moe`: cross-orthogonality penalty between top-level encoder and decoder (warmed up)."""
 
@@ -181,13 +189,14 @@ class ArchConfig:
                 f"coef_warmup_steps must be >= 0, got {self.coef_warmup_steps}",
             )
             _check(self.child_l1 in ("kept", "all"), f"child_l1 must be kept or all, got {self.child_l1!r}")
-            self.expert_init_at = [float(f) for f in self.expert_init_at]
-            _check(
-                all(0 < f < 1 for f in self.expert_init_at),
-                f"expert_init_at must hold fractions of the run in (0, 1), got {self.expert_init_at}",
-            )
             for name in ("l1_coef", "ortho_coef", "top_recon_coef"):
                 _check(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("expert_init_at", "child_init_at"):
+            fractions = [float(f) for f in getattr(self, name)]
+            setattr(self, name, fractions)
+            _check(
+                all(0 < f < 1 for f in fractions), f"{name} must hold fractions of the run in (0, 1), got {fractions}"
+            )
         _check(self.reassign_tokens >= 1, f"reassign_tokens must be >= 1, got {self.reassign_tokens}")
         _check(self.aux_k is None or self.aux_k >= 1, f"aux_k must be >= 1, got {self.aux_k}")
         _check(self.aux_coef >= 0, f"aux_coef must be >= 0, got {self.aux_coef}")
@@ -334,7 +343,10 @@ PRESETS: dict[str, dict[str, dict[str, dict[str, Any]]]] = {
     },
     "paper": {
         "moe": {"arch": {"center": False, "child_l1": "all", "expert_init_at": []}, "train": {"lr": 5e-4}},
-        "tree": {"arch": {"assign_by": "encoder", "reassign_every": 5000}, "train": {"lr": 5e-4}},
+        "tree": {
+            "arch": {"assign_by": "encoder", "reassign_every": 5000, "child_init_at": []},
+            "train": {"lr": 5e-4},
+        },
         "topk": {"arch": {}, "train": {}},
     },
 }

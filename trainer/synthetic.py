@@ -254,3 +254,37 @@ def train_and_judge(
     with torch.no_grad():
         codes = model.encode(torch.from_numpy(truth.x_ND))
     return recovery(codes[0].indices, codes[1].indices, tuple(model.level_widths[:2]), model.edges(), truth)
+
+
+@dataclass
+class Job:
+    """One `train_and_judge` on a generator of FAMILY, its data made where it runs."""
+
+    generator: str
+    arch: str
+    seed: int
+    preset: str = "project"
+    arch_fields: dict[str, Any] = field(default_factory=dict)
+    train_fields: dict[str, Any] = field(default_factory=dict)
+    steps: int = 3000
+    batch: int = 1024
+    rows: int = 60_000
+
+    def run(self) -> Recovery:
+        spec = next(s for s in FAMILY if s.name == self.generator)
+        return train_and_judge(
+            make(spec, self.rows, seed=self.seed), self.arch, self.seed, preset=self.preset,
+            arch_fields=self.arch_fields, train_fields=self.train_fields, steps=self.steps, batch=self.batch,
+        )
+
+
+def judge_in_parallel(jobs: list[Job], workers: int | None = None) -> list[Recovery]:
+    """`Job.run` over many jobs, one single-threaded process per core (fresh interpreters: a forked torch
+    can deadlock). The results do not depend on the number of workers."""
+    import multiprocessing
+    import os
+    from concurrent.futures import ProcessPoolExecutor
+
+    workers = workers or min(len(jobs), os.cpu_count() or 1)
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return list(pool.map(Job.run, jobs))

@@ -26,6 +26,8 @@ from trainer.config import ArchConfig, ConfigError, RunConfig, TrainConfig
         (dict(arch="tree", levels=[8, 16], assign_by="random"), "assign_by must be coactivation, encoder or"),
         (dict(arch="tree", levels=[8, 16], reassign_tokens=0), "reassign_tokens must be >= 1"),
         (dict(arch="moe", l1_coef=-1.0), "l1_coef must be >= 0"),
+        (dict(arch="moe", expert_init_at=[0.5, 1.0]), r"expert_init_at must hold fractions of the run in \(0, 1\)"),
+        (dict(arch="tree", levels=[8, 16], child_init_at=[0.0]), r"child_init_at must hold fractions"),
     ],
 )
 def test_arch_config_rejects_bad_values_with_one_line(kwargs, message):
@@ -97,3 +99,10 @@ def test_config_file_errors_are_config_errors(tmp_path):
         RunConfig.from_dict({"arch": {"arch": "moe", "parents": 3}})
     with pytest.raises(ConfigError, match="unknown config section"):
         RunConfig.from_dict({"model": {}})
+
+
+def test_tree_presets_differ_by_child_init_and_assignment():
+    project = RunConfig.compose({"arch": "tree", "levels": [8, 16]}, {}, "project")
+    paper = RunConfig.compose({"arch": "tree", "levels": [8, 16]}, {}, "paper")
+    assert project.arch.child_init_at == [0.3, 0.6] and project.arch.assign_by == "coactivation"
+    assert paper.arch.child_init_at == [] and paper.arch.assign_by == "encoder" and paper.train.lr == 5e-4

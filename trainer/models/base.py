@@ -253,3 +253,23 @@ class HSAE(nn.Module):
         state = {"input_mean_D": model.input_mean_D, **state}  # checkpoints from before centring: no mean
         model.load_state_dict(state)
         return model
+
+
+KMEANS_ITERS = 20
+
+
+def spherical_kmeans(u_NS: Tensor, n: int, generator: torch.Generator) -> Tensor:
+    """[n, S] unit centroids of the directions of `u_NS` (k-means++ seeding, then Lloyd steps on cosine)."""
+    unit_NS = unit_rows(u_NS)
+    first = torch.randint(len(unit_NS), (1,), generator=generator, device=u_NS.device)
+    centroids = [unit_NS[first[0]]]
+    for _ in range(n - 1):
+        gap_N = (1 - (unit_NS @ torch.stack(centroids).T).max(-1).values).clamp_min(0) + 1e-9
+        centroids.append(unit_NS[torch.multinomial(gap_N, 1, generator=generator)[0]])
+    centroids_CS = torch.stack(centroids)
+    for _ in range(KMEANS_ITERS):
+        assign_N = (unit_NS @ centroids_CS.T).argmax(-1)
+        sums_CS = torch.zeros_like(centroids_CS).index_add_(0, assign_N, u_NS)
+        norms_C1 = sums_CS.norm(dim=-1, keepdim=True)
+        centroids_CS = torch.where(norms_C1 > 0, sums_CS / norms_C1.clamp_min(EPS), centroids_CS)
+    return centroids_CS

@@ -20,7 +20,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from trainer.config import ArchConfig
-from trainer.models.base import EPS, HSAE, LevelCode, StepOutput, sparse_decode, tokens_like, unit_rows
+from trainer.models.base import (
+    EPS, HSAE, LevelCode, StepOutput, sparse_decode, spherical_kmeans, tokens_like, unit_rows,
+)
 from trainer.models.registry import register
 
 LEAK = 0.01
@@ -58,26 +60,6 @@ def grouped_matvec(x_BD: Tensor, tokens_N: Tensor, experts_N: Tensor, W_EOD: Ten
         pieces.append(y_GCO[slot, row])
         positions.append(order_N[in_bucket])
     return torch.cat(pieces)[torch.argsort(torch.cat(positions))]
-
-
-KMEANS_ITERS = 20
-
-
-def spherical_kmeans(u_NS: Tensor, n: int, generator: torch.Generator) -> Tensor:
-    """[n, S] unit centroids of the directions of `u_NS` (k-means++ seeding, then Lloyd steps on cosine)."""
-    unit_NS = unit_rows(u_NS)
-    first = torch.randint(len(unit_NS), (1,), generator=generator, device=u_NS.device)
-    centroids = [unit_NS[first[0]]]
-    for _ in range(n - 1):
-        gap_N = (1 - (unit_NS @ torch.stack(centroids).T).max(-1).values).clamp_min(0) + 1e-9
-        centroids.append(unit_NS[torch.multinomial(gap_N, 1, generator=generator)[0]])
-    centroids_CS = torch.stack(centroids)
-    for _ in range(KMEANS_ITERS):
-        assign_N = (unit_NS @ centroids_CS.T).argmax(-1)
-        sums_CS = torch.zeros_like(centroids_CS).index_add_(0, assign_N, u_NS)
-        norms_C1 = sums_CS.norm(dim=-1, keepdim=True)
-        centroids_CS = torch.where(norms_C1 > 0, sums_CS / norms_C1.clamp_min(EPS), centroids_CS)
-    return centroids_CS
 
 
 @torch.no_grad()
