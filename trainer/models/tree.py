@@ -22,7 +22,7 @@ would couple unrelated latents through the constraint and the perturbation.
 
 Why the data initialisation: trained by gradient from a random start, a lower TopK level represents all of a
 parent's children by one latent near the parent and the others starve, since siblings are close (each child's
-direction contains its parent's). On the synthetic family the tree found 0.00–0.62 of the true children that
+direction contains its parent's). On the synthetic family the tree found 0.00–0.88 of the true children that
 way, 0.88–1.00 with it (bench/bench_family.py).
 
 Cost: a co-activation re-assignment encodes its rows and counts (parent, child) pairs, dense int32 counts
@@ -172,8 +172,8 @@ def init_children(model: TreeHSAE, level: int, x_BD: Tensor, only_starved: bool)
 
     Why: a TopK level trained by gradient from a random start represents a parent's children by one latent
     near the parent, the others starve (siblings are close: each contains the parent). Measured on the
-    synthetic family (bench/bench_family.py): children found 0.00–0.62 before, 0.96–1.00 after. Returns
-    the number of parents whose children were set."""
+    synthetic family (bench/bench_family.py): children found 0.00–0.88 before, 0.88–1.00 after. Returns the
+    number of parents whose children were set."""
     parent_sae, child_sae = model.saes[level - 1], model.saes[level]
     values_BK, indices_BK, _ = parent_sae.encode(x_BD)
     residual_BD = x_BD - parent_sae.decode(indices_BK, values_BK)
