@@ -54,3 +54,57 @@ class CoactivationCounts:
         out = torch.full((self.child_width,), self.parent_width, dtype=torch.long)
         out = out.scatter_reduce(0, children[top], parents[top], "amin")
         return torch.where(out == self.parent_width, -1, out)
+
+
+class CoFiring:
+    """Counts, over a stream of codes of two adjacent levels, how often each child fires and how often it
+    fires together with each parent. Dense int32 [P·C] counts (one index_add per chunk) while P·C is at most
+    `DENSE_PAIRS_MAX`; sparse `CoactivationCounts` (sorted pair keys) beyond, where a dense table would not
+    fit in memory. Both give the same answer."""
+
+    DENSE_PAIRS_MAX = 1 << 26  # 256 MB of int32
+
+    def __init__(self, parent_width: int, child_width: int, device: torch.device):
+        self.parent_width, self.child_width = parent_width, child_width
+        self.fired_C = torch.zeros(child_width, dtype=torch.long, device=device)
+        if parent_width * child_width <= self.DENSE_PAIRS_MAX:
+            self.dense = torch.zeros(parent_width * child_width, dtype=torch.int32, device=device)
+        else:
+            self.dense, self.sparse = None, CoactivationCounts(parent_width, child_width)
+
+    def update(self, parent: LevelCode, child: LevelCode) -> None:
+        on_child = child.indices[child.indices >= 0]
+        self.fired_C += torch.bincount(on_child, minlength=self.child_width)
+        if self.dense is None:
+            self.sparse.update(parent, child)
+            return
+        keys = pair_keys(parent.indices, child.indices, self.child_width)
+        self.dense.index_add_(0, keys, torch.ones_like(keys, dtype=torch.int32))
+
+    def best_parents(self) -> tuple[Tensor, Tensor]:
+        """(int64 [C] the parent each child co-fires with most, ties to the lowest index, -1 if none;
+        float64 [C] its P(parent | child) = co-firings / firings, -1 if none)."""
+        fired_C = self.fired_C.cpu()
+        if self.dense is None:
+            parent_C = self.sparse.best_parents()
+            on = parent_C >= 0
+            keys = parent_C[on] * self.child_width + torch.arange(self.child_width)[on]
+            best_C = torch.zeros(self.child_width, dtype=torch.long)
+            best_C[on] = self.sparse.counts[torch.searchsorted(self.sparse.keys, keys)]
+        else:
+            best_C, parent_C = self.dense.view(self.parent_width, self.child_width).cpu().max(0)
+            best_C = best_C.long()
+            parent_C = torch.where(best_C > 0, parent_C, -1)
+        score_C = torch.where(best_C > 0, best_C.double() / fired_C.clamp(min=1).double(), -1.0)
+        return parent_C, score_C
+
+
+def coactivation_parents(parent_C: Tensor, score_C: Tensor, unassigned_fraction: float) -> Tensor:
+    """int64 [C]: the best parents of `CoFiring.best_parents`, with -1 also for the `unassigned_fraction` of
+    children of lowest P(parent | child) (those that never co-fired come first)."""
+    parent_C = parent_C.clone()
+    n_unassigned = int(unassigned_fraction * len(parent_C))
+    if n_unassigned:
+        # a stable sort: among equal scores the lower-index children leave first, a deterministic rule
+        parent_C[torch.sort(score_C, stable=True).indices[:n_unassigned]] = -1
+    return parent_C

@@ -7,11 +7,11 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from tests.trainer.helpers import D_IN, tiny_arch_config
+from trainer.coactivation import CoFiring
 from trainer.config import ArchConfig
 from trainer.models import LevelCode, build_model
 from trainer.models.base import unit_rows
 from trainer.models.moe import cross_orthogonality, grouped_matvec
-from trainer.models.tree import CoFiring
 
 
 def test_codes_have_the_documented_layout(prepared, rows):
@@ -172,21 +172,6 @@ def test_tree_coactivation_assignment_leaves_the_least_faithful_children_unassig
     unassigned = tree.parent_of(1) == -1
     assert unassigned.sum() >= 3  # int(0.25 * 12), plus any child that never fired
     assert score[unassigned].max() < score[~unassigned].min()
-
-
-def test_cofiring_dense_and_sparse_counts_agree_on_random_codes(monkeypatch):
-    generator = torch.Generator().manual_seed(0)
-    parents = LevelCode(torch.randint(-1, 7, (300, 3), generator=generator), torch.ones(300, 3))
-    children = LevelCode(torch.randint(-1, 20, (300, 4), generator=generator), torch.ones(300, 4))
-    answers = []
-    for limit in (CoFiring.DENSE_PAIRS_MAX, 0):
-        monkeypatch.setattr(CoFiring, "DENSE_PAIRS_MAX", limit)
-        counter = CoFiring(7, 21, torch.device("cpu"))  # child 20 never fires
-        for start in (0, 100, 200):
-            counter.update(*(LevelCode(c.indices[start : start + 100], c.values) for c in (parents, children)))
-        answers.append(counter.best_parents())
-    assert (counter.dense is None) and answers[0][0][20] == -1 and answers[0][1][20] == -1
-    torch.testing.assert_close(answers[0], answers[1], rtol=0, atol=0)
 
 
 def test_tree_coactivation_assignment_needs_data():

@@ -21,7 +21,14 @@ from torch import Tensor, nn
 
 from trainer.config import ArchConfig
 from trainer.models.base import (
-    EPS, HSAE, LevelCode, StepOutput, sparse_decode, spherical_kmeans, tokens_like, unit_rows,
+    EPS,
+    HSAE,
+    LevelCode,
+    StepOutput,
+    sparse_decode,
+    spherical_kmeans,
+    tokens_like,
+    unit_rows,
 )
 from trainer.models.registry import register
 

@@ -37,192 +37,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from trainer.coactivation import CoFiring, coactivation_parents
 from trainer.config import ArchConfig
-from trainer.coactivation import CoactivationCounts, pair_keys
 from trainer.models.base import (
-    HSAE, LevelCode, SaeLensLevel, StepOutput, sparse_decode, spherical_kmeans, tokens_like, unit_rows,
+    HSAE,
+    LevelCode,
+    SaeLensLevel,
+    StepOutput,
+    sparse_decode,
+    spherical_kmeans,
+    tokens_like,
+    unit_rows,
 )
 from trainer.models.registry import register
 from trainer.models.topk import TopKLevel
 
 _ASSIGN_CHUNK = 4096  # children per block of the cosine matrix, rows per encoded block, when re-assigning
-
-
-def assign_parents(child_FD: Tensor, parent_PD: Tensor, unassigned_fraction: float) -> Tensor:
-    """int64 [F]: each child's most cosine-similar parent (rows are the latents' vectors), -1 for the
-    `unassigned_fraction` of children whose best similarity is lowest."""
-    parents_PD = unit_rows(parent_PD)
-    best_sim, best_parent = [], []
-    for start in range(0, child_FD.shape[0], _ASSIGN_CHUNK):
-        sim_cP = unit_rows(child_FD[start : start + _ASSIGN_CHUNK]) @ parents_PD.T
-        value, index = sim_cP.max(-1)
-        best_sim.append(value)
-        best_parent.append(index)
-    sim_F, parent_F = torch.cat(best_sim), torch.cat(best_parent)
-    n_unassigned = int(unassigned_fraction * len(parent_F))
-    if n_unassigned:
-        parent_F[torch.topk(sim_F, n_unassigned, largest=False).indices] = -1
-    return parent_F
-
-
-class CoFiring:
-    """Counts, over a stream of codes of two adjacent levels, how often each child fires and how often it
-    fires together with each parent. Dense int32 [P·C] counts (one index_add per chunk) while P·C is at most
-    `DENSE_PAIRS_MAX`; sparse `CoactivationCounts` (sorted pair keys) beyond, where a dense table would not
-    fit in memory. Both give the same answer."""
-
-    DENSE_PAIRS_MAX = 1 << 26  # 256 MB of int32
-
-    def __init__(self, parent_width: int, child_width: int, device: torch.device):
-        self.parent_width, self.child_width = parent_width, child_width
-        self.fired_C = torch.zeros(child_width, dtype=torch.long, device=device)
-        if parent_width * child_width <= self.DENSE_PAIRS_MAX:
-            self.dense = torch.zeros(parent_width * child_width, dtype=torch.int32, device=device)
-        else:
-            self.dense, self.sparse = None, CoactivationCounts(parent_width, child_width)
-
-    def update(self, parent: LevelCode, child: LevelCode) -> None:
-        on_child = child.indices[child.indices >= 0]
-        self.fired_C += torch.bincount(on_child, minlength=self.child_width)
-        if self.dense is None:
-            self.sparse.update(parent, child)
-            return
-        keys = pair_keys(parent.indices, child.indices, self.child_width)
-        self.dense.index_add_(0, keys, torch.ones_like(keys, dtype=torch.int32))
-
-    def best_parents(self) -> tuple[Tensor, Tensor]:
-        """(int64 [C] the parent each child co-fires with most, ties to the lowest index, -1 if none;
-        float64 [C] its P(parent | child) = co-firings / firings, -1 if none)."""
-        fired_C = self.fired_C.cpu()
-        if self.dense is None:
-            parent_C = self.sparse.best_parents()
-            on = parent_C >= 0
-            keys = parent_C[on] * self.child_width + torch.arange(self.child_width)[on]
-            best_C = torch.zeros(self.child_width, dtype=torch.long)
-            best_C[on] = self.sparse.counts[torch.searchsorted(self.sparse.keys, keys)]
-        else:
-            best_C, parent_C = self.dense.view(self.parent_width, self.child_width).cpu().max(0)
-            best_C = best_C.long()
-            parent_C = torch.where(best_C > 0, parent_C, -1)
-        score_C = torch.where(best_C > 0, best_C.double() / fired_C.clamp(min=1).double(), -1.0)
-        return parent_C, score_C
-
-
-def coactivation_parents(parent_C: Tensor, score_C: Tensor, unassigned_fraction: float) -> Tensor:
-    """int64 [C]: the best parents of `CoFiring.best_parents`, with -1 also for the `unassigned_fraction` of
-    children of lowest P(parent | child) (those that never co-fired come first)."""
-    parent_C = parent_C.clone()
-    n_unassigned = int(unassigned_fraction * len(parent_C))
-    if n_unassigned:
-        # a stable sort: among equal scores the lower-index children leave first, a deterministic rule
-        parent_C[torch.sort(score_C, stable=True).indices[:n_unassigned]] = -1
-    return parent_C
-
-
-def group_keys(tokens_N: Tensor, latents_N: Tensor, width: int) -> Tensor:
-    """One int64 key per (token, latent) pair."""
-    return tokens_N * width + latents_N
-
-
-def _bag_sum(W_dec_FD: Tensor, latents_N: Tensor, values_N: Tensor, group_N: Tensor, n_groups: int) -> Tensor:
-    """[n_groups, D]: Σ values·W_dec[latent] per group (empty groups give 0)."""
-    order = torch.argsort(group_N)
-    offsets = torch.searchsorted(group_N[order], torch.arange(n_groups, device=group_N.device))
-    weights = values_N[order].to(W_dec_FD.dtype)
-    return F.embedding_bag(
-        latents_N[order], W_dec_FD, offsets=offsets, per_sample_weights=weights, mode="sum"
-    )
-
-
-def _child_slots(model: TreeHSAE, level: int, x_BD: Tensor, counts_P: Tensor, only_starved: bool) -> list[Tensor]:
-    """For each parent of level − 1, the child slots of `level` to (re)initialise under it (maybe none).
-
-    First time: every parent that fires on at least 4 sample tokens per slot gets width_l // width_{l−1}
-    slots, the slots of silent parents go to the most frequent ones in turn. With `only_starved`: a parent's
-    current children, when one of them fires on less than 1/(4·their number) of the parent's tokens."""
-    parent_width, child_sae = model.saes[level - 1].width, model.saes[level]
-    device = x_BD.device
-    if only_starved:
-        parent_of = model.parent_of(level)
-        child_indices = child_sae.encode(x_BD)[1]
-        fired_C = torch.bincount(child_indices[child_indices >= 0], minlength=child_sae.width)
-        slots = [torch.nonzero(parent_of == p).squeeze(1) for p in range(parent_width)]
-        empty = torch.zeros(0, dtype=torch.long, device=device)
-        return [s if len(s) and bool((fired_C[s] * 4 * len(s) < counts_P[p]).any()) else empty
-                for p, s in enumerate(slots)]
-    per_parent = child_sae.width // parent_width
-    by_count = torch.argsort(counts_P, descending=True, stable=True).tolist()
-    living = [p for p in by_count if counts_P[p] >= 4 * max(per_parent, 1)]
-    owner = [p for p in living for _ in range(per_parent)]
-    owner += [living[i % len(living)] for i in range(child_sae.width - len(owner))] if living else []
-    owner_C = torch.tensor(owner, dtype=torch.long, device=device)
-    return [torch.nonzero(owner_C == p).squeeze(1) for p in range(parent_width)]
-
-
-@torch.no_grad()
-def init_children(model: TreeHSAE, level: int, x_BD: Tensor, only_starved: bool) -> int:
-    """Initialises latents of `level` from data, as children of the level above (see `_child_slots` for
-    which). For each parent p, its events e = a_p·d_p + (x − SAE_{l−1}(x)) on the sample tokens where it
-    fires are split by spherical k-means (k-means++ seeded) on what sets siblings apart: e without its part
-    in the plane of d_p and p's mean event. A cluster's mean event, unit, is a child's decoder row, and the
-    child is assigned to p. Encoders: the least-squares linear read-out of each child's code (its events'
-    length along its decoder row, 0 on every other token), with an intercept, from the whole sample. A tied
-    encoder would score every sibling almost as high as the right child (all contain the parent); one that
-    only looks at what sets siblings apart fires on noise; the read-out weighs both from the data.
-
-    Why: a TopK level trained by gradient from a random start represents a parent's children by one latent
-    near the parent, the others starve (siblings are close: each contains the parent). Measured on the
-    synthetic family (bench/bench_family.py): children found 0.00–0.88 before, 0.88–1.00 after. Returns the
-    number of parents whose children were set."""
-    parent_sae, child_sae = model.saes[level - 1], model.saes[level]
-    values_BK, indices_BK, _ = parent_sae.encode(x_BD)
-    residual_BD = x_BD - parent_sae.decode(indices_BK, values_BK)
-    on_BK = indices_BK >= 0
-    order = torch.argsort(indices_BK[on_BK], stable=True)
-    tokens_N = tokens_like(indices_BK)[on_BK][order]
-    parents_N, values_N = indices_BK[on_BK][order], values_BK[on_BK][order]
-    counts_P = torch.bincount(parents_N, minlength=parent_sae.width)
-    starts_P = (counts_P.cumsum(0) - counts_P).tolist()
-    slots = _child_slots(model, level, x_BD, counts_P, only_starved)
-    generator = torch.Generator(device=x_BD.device).manual_seed(int(counts_P.sum()) + level)
-    redone, code_tokens, code_children, code_values = [], [], [], []
-    for p, (n, start) in enumerate(zip(counts_P.tolist(), starts_P)):
-        slots_S = slots[p]
-        if len(slots_S) == 0 or n < len(slots_S):
-            continue
-        tokens_n = tokens_N[start : start + n]
-        d_D = unit_rows(parent_sae.W_dec_FD[p])
-        events_nD = values_N[start : start + n, None] * d_D + residual_BD[tokens_n]
-        shared_D2 = torch.linalg.qr(torch.stack([d_D, events_nD.mean(0)], 1)).Q
-        own_nD = events_nD - events_nD @ shared_D2 @ shared_D2.T
-        cluster_n = (unit_rows(own_nD) @ spherical_kmeans(own_nD, len(slots_S), generator).T).argmax(-1)
-        sums_SD = torch.zeros(len(slots_S), x_BD.shape[1], dtype=x_BD.dtype, device=x_BD.device)
-        sums_SD.index_add_(0, cluster_n, events_nD)
-        decoder_SD = torch.where(sums_SD.norm(dim=-1, keepdim=True) > 0, unit_rows(sums_SD), d_D)
-        child_sae.W_dec_FD[slots_S] = decoder_SD.to(child_sae.W_dec_FD.dtype)
-        model.parent_of(level)[slots_S] = p
-        redone.append(slots_S)
-        code_tokens.append(tokens_n)
-        code_children.append(slots_S[cluster_n])
-        code_values.append((events_nD * decoder_SD[cluster_n]).sum(-1).clamp_min(0))
-    if not redone:
-        return 0
-    # the read-out: solve (XᵀX + ridge) W = Xᵀ·codes, with the codes a sparse [B, C] matrix
-    X_BA = torch.cat([x_BD - child_sae.b_dec_D, torch.ones_like(x_BD[:, :1])], 1).double()
-    codes_BC = torch.sparse_coo_tensor(
-        torch.stack([torch.cat(code_tokens), torch.cat(code_children)]),
-        torch.cat(code_values).double(),
-        (len(x_BD), child_sae.width),
-        check_invariants=True,
-    )
-    set_C = torch.cat(redone)
-    moment_AC = (codes_BC.t() @ X_BA).T[:, set_C]
-    gram_AA = X_BA.T @ X_BA
-    gram_AA.diagonal()[:-1] += 1e-3 * gram_AA.diagonal()[:-1].mean()
-    read_AC = torch.linalg.solve(gram_AA, moment_AC)
-    child_sae.W_enc_DF[:, set_C] = read_AC[:-1].to(child_sae.W_enc_DF.dtype)
-    child_sae.b_enc_F[set_C] = read_AC[-1].to(child_sae.b_enc_F.dtype)
-    return len(redone)
 
 
 @register("tree")
@@ -394,3 +224,129 @@ class TreeHSAE(HSAE):
 
     def saelens_export(self, level: int) -> SaeLensLevel | None:
         return self.saes[level].saelens_export(float(self.input_scale))
+
+
+# ---- helpers: cosine assignment, grouped sums, children from data ---------------------------------------
+def assign_parents(child_FD: Tensor, parent_PD: Tensor, unassigned_fraction: float) -> Tensor:
+    """int64 [F]: each child's most cosine-similar parent (rows are the latents' vectors), -1 for the
+    `unassigned_fraction` of children whose best similarity is lowest."""
+    parents_PD = unit_rows(parent_PD)
+    best_sim, best_parent = [], []
+    for start in range(0, child_FD.shape[0], _ASSIGN_CHUNK):
+        sim_cP = unit_rows(child_FD[start : start + _ASSIGN_CHUNK]) @ parents_PD.T
+        value, index = sim_cP.max(-1)
+        best_sim.append(value)
+        best_parent.append(index)
+    sim_F, parent_F = torch.cat(best_sim), torch.cat(best_parent)
+    n_unassigned = int(unassigned_fraction * len(parent_F))
+    if n_unassigned:
+        parent_F[torch.topk(sim_F, n_unassigned, largest=False).indices] = -1
+    return parent_F
+
+
+def group_keys(tokens_N: Tensor, latents_N: Tensor, width: int) -> Tensor:
+    """One int64 key per (token, latent) pair."""
+    return tokens_N * width + latents_N
+
+
+def _bag_sum(W_dec_FD: Tensor, latents_N: Tensor, values_N: Tensor, group_N: Tensor, n_groups: int) -> Tensor:
+    """[n_groups, D]: Σ values·W_dec[latent] per group (empty groups give 0)."""
+    order = torch.argsort(group_N)
+    offsets = torch.searchsorted(group_N[order], torch.arange(n_groups, device=group_N.device))
+    weights = values_N[order].to(W_dec_FD.dtype)
+    return F.embedding_bag(
+        latents_N[order], W_dec_FD, offsets=offsets, per_sample_weights=weights, mode="sum"
+    )
+
+
+def _child_slots(
+    model: TreeHSAE, level: int, x_BD: Tensor, counts_P: Tensor, only_starved: bool
+) -> list[Tensor]:
+    """For each parent of level − 1, the child slots of `level` to (re)initialise under it (maybe none).
+
+    First time: every parent that fires on at least 4 sample tokens per slot gets width_l // width_{l−1}
+    slots, the slots of silent parents go to the most frequent ones in turn. With `only_starved`: a parent's
+    current children, when one of them fires on less than 1/(4·their number) of the parent's tokens."""
+    parent_width, child_sae = model.saes[level - 1].width, model.saes[level]
+    device = x_BD.device
+    if only_starved:
+        parent_of = model.parent_of(level)
+        child_indices = child_sae.encode(x_BD)[1]
+        fired_C = torch.bincount(child_indices[child_indices >= 0], minlength=child_sae.width)
+        slots = [torch.nonzero(parent_of == p).squeeze(1) for p in range(parent_width)]
+        empty = torch.zeros(0, dtype=torch.long, device=device)
+        return [s if len(s) and bool((fired_C[s] * 4 * len(s) < counts_P[p]).any()) else empty
+                for p, s in enumerate(slots)]
+    per_parent = child_sae.width // parent_width
+    by_count = torch.argsort(counts_P, descending=True, stable=True).tolist()
+    living = [p for p in by_count if counts_P[p] >= 4 * max(per_parent, 1)]
+    owner = [p for p in living for _ in range(per_parent)]
+    owner += [living[i % len(living)] for i in range(child_sae.width - len(owner))] if living else []
+    owner_C = torch.tensor(owner, dtype=torch.long, device=device)
+    return [torch.nonzero(owner_C == p).squeeze(1) for p in range(parent_width)]
+
+
+@torch.no_grad()
+def init_children(model: TreeHSAE, level: int, x_BD: Tensor, only_starved: bool) -> int:
+    """Initialises latents of `level` from data, as children of the level above (see `_child_slots` for
+    which). For each parent p, its events e = a_p·d_p + (x − SAE_{l−1}(x)) on the sample tokens where it
+    fires are split by spherical k-means (k-means++ seeded) on what sets siblings apart: e without its part
+    in the plane of d_p and p's mean event. A cluster's mean event, unit, is a child's decoder row, and the
+    child is assigned to p. Encoders: the least-squares linear read-out of each child's code (its events'
+    length along its decoder row, 0 on every other token), with an intercept, from the whole sample. A tied
+    encoder would score every sibling almost as high as the right child (all contain the parent); one that
+    only looks at what sets siblings apart fires on noise; the read-out weighs both from the data.
+
+    Why: a TopK level trained by gradient from a random start represents a parent's children by one latent
+    near the parent, the others starve (siblings are close: each contains the parent). Measured on the
+    synthetic family (bench/bench_family.py): children found 0.00–0.88 before, 0.88–1.00 after. Returns the
+    number of parents whose children were set."""
+    parent_sae, child_sae = model.saes[level - 1], model.saes[level]
+    values_BK, indices_BK, _ = parent_sae.encode(x_BD)
+    residual_BD = x_BD - parent_sae.decode(indices_BK, values_BK)
+    on_BK = indices_BK >= 0
+    order = torch.argsort(indices_BK[on_BK], stable=True)
+    tokens_N = tokens_like(indices_BK)[on_BK][order]
+    parents_N, values_N = indices_BK[on_BK][order], values_BK[on_BK][order]
+    counts_P = torch.bincount(parents_N, minlength=parent_sae.width)
+    starts_P = (counts_P.cumsum(0) - counts_P).tolist()
+    slots = _child_slots(model, level, x_BD, counts_P, only_starved)
+    generator = torch.Generator(device=x_BD.device).manual_seed(int(counts_P.sum()) + level)
+    redone, code_tokens, code_children, code_values = [], [], [], []
+    for p, (n, start) in enumerate(zip(counts_P.tolist(), starts_P)):
+        slots_S = slots[p]
+        if len(slots_S) == 0 or n < len(slots_S):
+            continue
+        tokens_n = tokens_N[start : start + n]
+        d_D = unit_rows(parent_sae.W_dec_FD[p])
+        events_nD = values_N[start : start + n, None] * d_D + residual_BD[tokens_n]
+        shared_D2 = torch.linalg.qr(torch.stack([d_D, events_nD.mean(0)], 1)).Q
+        own_nD = events_nD - events_nD @ shared_D2 @ shared_D2.T
+        cluster_n = (unit_rows(own_nD) @ spherical_kmeans(own_nD, len(slots_S), generator).T).argmax(-1)
+        sums_SD = torch.zeros(len(slots_S), x_BD.shape[1], dtype=x_BD.dtype, device=x_BD.device)
+        sums_SD.index_add_(0, cluster_n, events_nD)
+        decoder_SD = torch.where(sums_SD.norm(dim=-1, keepdim=True) > 0, unit_rows(sums_SD), d_D)
+        child_sae.W_dec_FD[slots_S] = decoder_SD.to(child_sae.W_dec_FD.dtype)
+        model.parent_of(level)[slots_S] = p
+        redone.append(slots_S)
+        code_tokens.append(tokens_n)
+        code_children.append(slots_S[cluster_n])
+        code_values.append((events_nD * decoder_SD[cluster_n]).sum(-1).clamp_min(0))
+    if not redone:
+        return 0
+    # the read-out: solve (XᵀX + ridge) W = Xᵀ·codes, with the codes a sparse [B, C] matrix
+    X_BA = torch.cat([x_BD - child_sae.b_dec_D, torch.ones_like(x_BD[:, :1])], 1).double()
+    codes_BC = torch.sparse_coo_tensor(
+        torch.stack([torch.cat(code_tokens), torch.cat(code_children)]),
+        torch.cat(code_values).double(),
+        (len(x_BD), child_sae.width),
+        check_invariants=True,
+    )
+    set_C = torch.cat(redone)
+    moment_AC = (codes_BC.t() @ X_BA).T[:, set_C]
+    gram_AA = X_BA.T @ X_BA
+    gram_AA.diagonal()[:-1] += 1e-3 * gram_AA.diagonal()[:-1].mean()
+    read_AC = torch.linalg.solve(gram_AA, moment_AC)
+    child_sae.W_enc_DF[:, set_C] = read_AC[:-1].to(child_sae.W_enc_DF.dtype)
+    child_sae.b_enc_F[set_C] = read_AC[-1].to(child_sae.b_enc_F.dtype)
+    return len(redone)
