@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import hashlib
 import math
 import threading
 import time
@@ -23,14 +22,13 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
-from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 import torch
 
 from trainer.errors import HSAEError
-from trainer.outliers import checkpoint_max_norm, encode_inliers
+from trainer.outliers import encode_inliers
 from trainer.settings import Settings
 
 SUMMARY_TOP = 10  # top-level features in the summary, and children shown per feature
@@ -128,7 +126,7 @@ class TransformerLiveModel:
         torch's default. `hsae serve` passes all cores but one: the web server and the database need a core
         too, and torch's threads wait for each other by spinning, so on a busy 2-core machine two of them
         made a forward pass 60 times slower than one."""
-        from trainer.checkpoint import WEIGHTS_FILE, CheckpointError, load_checkpoint
+        from trainer import checkpoint
         from trainer.lm import load_language_model, resolve_device
 
         if not spec.checkpoint_path:
@@ -139,21 +137,22 @@ class TransformerLiveModel:
             dev = resolve_device(device)
             if dev.type == "cpu" and cpu_threads:
                 torch.set_num_threads(cpu_threads)
-            hsae, cfg = load_checkpoint(spec.checkpoint_path, device=dev)  # first: it fails fast when missing
-            lm = load_language_model(spec.model_name, spec.layer, str(dev))
-        except (HSAEError, CheckpointError) as err:
+            ckpt = checkpoint.open(spec.checkpoint_path, device=dev)  # first: it fails fast when missing
+            changed = ckpt.digest != spec.checkpoint_digest
+            if not changed:
+                lm = load_language_model(spec.model_name, spec.layer, str(dev))
+        except HSAEError as err:
             raise LiveUnavailable(f"cannot load run {spec.name!r} for live prompts: {err}") from None
-        weights = Path(spec.checkpoint_path) / WEIGHTS_FILE
-        if file_digest(weights) != spec.checkpoint_digest:
+        if changed:
             raise LiveUnavailable(
                 f"the checkpoint at {spec.checkpoint_path} changed since run {spec.name!r} was indexed "
                 "(its weights digest differs): re-index it"
             )
-        if hsae.d_in != lm.d_model:
+        if ckpt.model.d_in != lm.d_model:
             raise LiveUnavailable(
-                f"run {spec.name!r}: the checkpoint expects width {hsae.d_in}, the model gives {lm.d_model}"
+                f"run {spec.name!r}: the checkpoint expects width {ckpt.model.d_in}, the model gives {lm.d_model}"
             )
-        return cls(lm, hsae, checkpoint_max_norm(cfg))
+        return cls(lm, ckpt.model, ckpt.max_norm)
 
     def tokenize(self, text: str) -> list[PromptToken]:
         encoded = self.lm.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
@@ -182,15 +181,6 @@ class TransformerLiveModel:
             out.append([LevelCodes(indices[start:stop], values[start:stop]) for indices, values in per_level])
             start = stop
         return out
-
-
-def file_digest(path: Path) -> str:
-    """sha256 hex digest of a file (a run's checkpoint_digest is that of its weights.safetensors)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _as_numpy(tensor: torch.Tensor | None) -> np.ndarray | None:

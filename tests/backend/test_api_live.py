@@ -15,9 +15,10 @@ import torch
 from fastapi.testclient import TestClient
 
 from backend.app import create_app
-from backend.live import LevelCodes, LiveService, PromptToken, file_digest
+from backend.live import LevelCodes, LiveService, PromptToken
 from tests.backend.api_fixtures import SynthRun, app_settings, make_run, new_database, session_scope  # noqa: F401
 from tests.backend.test_api_browse import assert_error
+from trainer.checkpoint import read_info
 
 LIVE_RUN = "live"
 URL = f"/api/v1/runs/{LIVE_RUN}/activations"
@@ -61,7 +62,7 @@ def live_db(checkpoint, lm, new_database) -> str:
         children=CHILDREN,
         model=lm.name,
         layer=lm.layer,
-        digest=file_digest(checkpoint / "weights.safetensors"),
+        digest=read_info(checkpoint).digest,
         checkpoint_path=str(checkpoint),
     )
     with session_scope(url) as session:
@@ -80,14 +81,13 @@ def live_client(live_db):
 
 
 def direct_codes(lm, checkpoint: Path, token_ids: list[int]):
-    from trainer.checkpoint import load_checkpoint
+    from trainer import checkpoint as checkpoints
+    from trainer.outliers import encode_inliers
 
-    from trainer.outliers import checkpoint_max_norm, encode_inliers
-
-    hsae, cfg = load_checkpoint(checkpoint)
+    ckpt = checkpoints.open(checkpoint)
     ids = torch.tensor([[lm.tokenizer.bos_token_id, *token_ids]])
     with torch.inference_mode():
-        return encode_inliers(hsae, lm.residual(ids)[0, 1:].float(), checkpoint_max_norm(cfg))[0]
+        return encode_inliers(ckpt.model, lm.residual(ids)[0, 1:].float(), ckpt.max_norm)[0]
 
 
 @pytest.mark.slow

@@ -20,7 +20,6 @@ from trainer.index import pipeline
 from trainer.index.accumulate import IndexConfig
 from trainer.index.writer import RunExistsError
 from trainer.lm import load_language_model
-from trainer.outliers import checkpoint_max_norm
 from trainer.sources import DataSpec
 from trainer.workflows import run_training
 
@@ -55,7 +54,8 @@ def _index(run_dir, db_url, corpus, name, **kw):
 
 
 def _brute_force(run_dir, corpus):
-    model, cfg = checkpoint.load_checkpoint(run_dir)
+    ckpt = checkpoint.open(run_dir)
+    model = ckpt.model
     lm = load_language_model(layer=6, device="cpu")
     source = ActivationCache(lm, corpus, 32).ensure(None)
     acts, meta = source.read(0, source.num_rows), source.read_meta(0, source.num_rows)
@@ -63,7 +63,7 @@ def _brute_force(run_dir, corpus):
     with torch.no_grad():
         codes = model.encode(x)
     for code in codes:  # massive activations (norm above the training threshold) get no features
-        code.indices[x.norm(dim=-1) > checkpoint_max_norm(cfg)] = -1
+        code.indices[x.norm(dim=-1) > ckpt.max_norm] = -1
     dense = []
     for level, width in enumerate(model.level_widths):
         d = np.zeros((len(acts), width), np.float32)

@@ -7,8 +7,6 @@ so indexing right after training on the same corpus runs no language model forwa
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +23,7 @@ from trainer.index.contexts import ContextStore
 from trainer.index.directions import decoder_cosines, top_output_tokens
 from trainer.index.writer import RunInfo, write_run
 from trainer.lm import LanguageModel, load_language_model, resolve_device
-from trainer.outliers import checkpoint_max_norm, encode_inliers
+from trainer.outliers import encode_inliers
 
 ENCODE_ROWS = 4096
 RETAIN_EVERY = 8  # chunks between prunes of the context store
@@ -37,14 +35,6 @@ class IndexSummary:
     name: str
     tokens: int
     contexts: int
-
-
-def checkpoint_digest(run_dir: Path) -> str:
-    h = hashlib.sha256()
-    with (run_dir / checkpoint.WEIGHTS_FILE).open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def token_display_table(tokenizer) -> list[str]:
@@ -84,10 +74,10 @@ def index_checkpoint(
     config: IndexConfig | None = None,
 ) -> IndexSummary:
     run_dir = Path(run_dir).resolve()
-    model, cfg = checkpoint.load_checkpoint(run_dir, device=resolve_device(device))
+    ckpt = checkpoint.open(run_dir, device=resolve_device(device))
+    model, model_info = ckpt.model, ckpt.model_info
     _prepare_database(db_url, default_db_url)
-    model_info = cfg.get("model") or {}
-    if not model_info.get("name"):
+    if not model_info.name:
         raise HSAEError(f"{run_dir} was trained without a language model; indexing needs one to show contexts")
     if tokens < 1:
         raise HSAEError(f"--tokens must be positive, got {tokens}")
@@ -95,12 +85,11 @@ def index_checkpoint(
     if not name.strip() or len(name) > 200:
         raise HSAEError(f"run name must be 1 to 200 characters, got {name!r}")
 
-    trained_on = cfg.get("data") or {}
-    corpus = corpus or (trained_on.get("corpus") or {}).get("spec") or "demo"
-    context_len = int(trained_on.get("context_len", DEFAULT_CONTEXT_LEN))
-    lm = load_language_model(model_info["name"], int(model_info["layer"]), device)
+    corpus = corpus or ckpt.data_info.corpus_spec or "demo"
+    context_len = ckpt.data_info.context_len or DEFAULT_CONTEXT_LEN
+    lm = load_language_model(model_info.name, model_info.layer, device)
     if lm.d_model != model.d_in:
-        raise HSAEError(f"{model_info['name']} has width {lm.d_model}, the checkpoint expects {model.d_in}")
+        raise HSAEError(f"{model_info.name} has width {lm.d_model}, the checkpoint expects {model.d_in}")
     cache = ActivationCache(lm, corpus, context_len)
     source = cache.ensure(tokens)
     contexts = cache.contexts(tokens)  # what ensure() just used; None would tokenize the whole corpus
@@ -114,7 +103,7 @@ def index_checkpoint(
     # whole contexts. The token budget is rounded up to the end of the context it falls in.
     end_ctx = int(source.read_meta(source.num_rows - 1, source.num_rows)[0, 0])
     n_rows, n_contexts, n_outliers = 0, 0, 0
-    max_norm = checkpoint_max_norm(cfg)  # massive activations get no features, as in training
+    max_norm = ckpt.max_norm  # massive activations get no features, as in training
     with tqdm(total=source.num_rows, desc="indexing", unit="tok", unit_scale=True) as bar:
         for chunk_no, (acts, meta) in enumerate(zip(source.acts, source.rows, strict=True)):
             keep = np.asarray(meta[:, 0]) <= end_ctx
@@ -140,18 +129,17 @@ def index_checkpoint(
     output_tokens = [top_output_tokens(d, unembed_VD, lambda i: display[int(i)]) for d in decoders]
     edges = result.edges()
     cosines = decoder_cosines(decoders, edges.parent_level, edges.parent_idx, edges.child_level, edges.child_idx)
-    metrics_path = run_dir / checkpoint.METRICS_FILE
     info = RunInfo(
         name=name,
-        model_name=model_info["name"],
-        layer=int(model_info["layer"]),
-        hook=model_info.get("hook") or lm.hook_name,
-        arch=cfg["arch"],
-        checkpoint_digest=checkpoint_digest(run_dir),
-        config=cfg,
+        model_name=model_info.name,
+        layer=model_info.layer,
+        hook=model_info.hook or lm.hook_name,
+        arch=ckpt.arch,
+        checkpoint_digest=ckpt.digest,
+        config=dict(ckpt.cfg),
         corpus={**cache.info["corpus"], "context_len": context_len, "tokens": n_rows, "contexts": n_contexts,
                 "outlier_tokens": n_outliers},
-        metrics=_read_json(metrics_path),
+        metrics=ckpt.metrics,
         checkpoint_path=str(run_dir),
     )
     with tqdm(desc="writing", unit=" rows", unit_scale=True) as bar:
@@ -181,7 +169,3 @@ def _encode(
             per_level[level][0].append(code.indices.cpu().numpy())
             per_level[level][1].append(code.values.float().cpu().numpy())
     return [(np.concatenate(i), np.concatenate(v)) for i, v in per_level], outliers
-
-
-def _read_json(path: Path):
-    return json.loads(path.read_text()) if path.is_file() else None
