@@ -32,7 +32,7 @@ from backend.api import views
 from backend.api.schemas import ImportResult, SubtreeDocument, SubtreeNode
 from backend.db.session import open_database, session_factory
 from trainer.errors import HSAEError
-from trainer.settings import get_settings
+from backend.settings import get_settings
 
 FORMAT = "hsae-subtree"
 VERSION = 1

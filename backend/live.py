@@ -29,7 +29,7 @@ import torch
 
 from trainer.errors import HSAEError
 from trainer.outliers import encode_inliers
-from trainer.settings import Settings
+from backend.settings import Settings
 
 SUMMARY_TOP = 10  # top-level features in the summary, and children shown per feature
 CHARS_PER_TOKEN_BOUND = (

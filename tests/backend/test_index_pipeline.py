@@ -13,12 +13,13 @@ from sqlalchemy.orm import Session
 
 from backend.db.models import Example, Feature, FeatureEdge, Run, visible_runs
 from backend.db.session import make_engine
+from backend.index.pipeline import index_checkpoint
+from backend.index.writer import RunExistsError
 from trainer import checkpoint
 from trainer.activations import ActivationCache
 from trainer.config import ArchConfig, RunConfig, TrainConfig
 from trainer.index import pipeline
 from trainer.index.accumulate import IndexConfig
-from trainer.index.writer import RunExistsError
 from trainer.lm import load_language_model
 from trainer.sources import DataSpec
 from trainer.workflows import run_training
@@ -49,7 +50,7 @@ def trained_run(corpus, tmp_path_factory):
 
 
 def _index(run_dir, db_url, corpus, name, **kw):
-    return pipeline.index_checkpoint(run_dir, db_url=db_url, default_db_url="sqlite:///unused.db", corpus=corpus,
+    return index_checkpoint(run_dir, db_url=db_url, default_db_url="sqlite:///unused.db", corpus=corpus,
                                      tokens=100_000, name=name, device="cpu", config=IndexConfig(top_k=TOP_K), **kw)
 
 

@@ -1,5 +1,7 @@
-"""`hsae index`: stream a corpus through the language model and a checkpoint, accumulate per-feature statistics
-in bounded memory, and publish the run to the database in one atomic step.
+"""Indexing a checkpoint: stream a corpus through the language model and the HSAE, and accumulate per-feature
+statistics in bounded memory. It ends at plain data (`IndexedRun`: the accumulated result, what the run row
+says, the contexts examples show, each feature's output tokens); publishing that to a database is the
+backend's business (backend/index), so the trainer never touches one.
 
 Activations come from the shard cache when it already holds them (same model, layer, corpus, context length),
 so indexing right after training on the same corpus runs no language model forward at all.
@@ -8,21 +10,19 @@ so indexing right after training on the same corpus runs no language model forwa
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from backend.db.session import db_upgrade, open_database, same_database
-from trainer import checkpoint
 from trainer.activations import DEFAULT_CONTEXT_LEN, PAD, ActivationCache
+from trainer.checkpoint import Checkpoint
 from trainer.errors import HSAEError
-from trainer.index.accumulate import IndexAccumulator, IndexConfig
+from trainer.index.accumulate import IndexAccumulator, IndexConfig, IndexResult
 from trainer.index.contexts import ContextStore
-from trainer.index.directions import decoder_cosines, top_output_tokens
-from trainer.index.writer import RunInfo, write_run
-from trainer.lm import LanguageModel, load_language_model, resolve_device
+from trainer.index.directions import OutputTokens, decoder_cosines, top_output_tokens
+from trainer.index.run import RunInfo
+from trainer.lm import LanguageModel, load_language_model
 from trainer.outliers import encode_inliers
 
 ENCODE_ROWS = 4096
@@ -30,25 +30,22 @@ RETAIN_EVERY = 8  # chunks between prunes of the context store
 
 
 @dataclass
-class IndexSummary:
-    run_id: int
-    name: str
-    tokens: int
-    contexts: int
+class IndexedRun:
+    """Everything an index of a checkpoint produced, ready to be written."""
+
+    result: IndexResult
+    info: RunInfo
+    contexts: ContextStore
+    output_tokens: list[OutputTokens | None]  # per level, each feature's top output tokens
+    edge_cosines: np.ndarray  # decoder cosine per edge, aligned with result.edges()
+    tokens: int  # tokens indexed
+    n_contexts: int
 
 
 def token_display_table(tokenizer) -> list[str]:
     """Each vocabulary id as the text it stands for (" the", not "Ġthe"), built once per index run: decoding
     ids one by one for every stored context would cost millions of calls."""
     return [tokenizer.decode([i]) for i in range(len(tokenizer))]
-
-
-def _prepare_database(url: str, default_url: str) -> None:
-    """The embedded default database is created on first use, whichever way its URL is spelled; any other
-    must already be at our schema."""
-    if same_database(url, default_url):
-        db_upgrade(url)
-    open_database(url).dispose()
 
 
 def _unembedding(lm: LanguageModel) -> torch.Tensor:
@@ -61,29 +58,30 @@ def _unembedding(lm: LanguageModel) -> torch.Tensor:
     return unembed_VD
 
 
-def index_checkpoint(
-    run_dir: Path,
+def check_run_name(name: str) -> str:
+    if not name.strip() or len(name) > 200:
+        raise HSAEError(f"run name must be 1 to 200 characters, got {name!r}")
+    return name
+
+
+def index_run(
+    ckpt: Checkpoint,
     *,
-    db_url: str,
-    default_db_url: str,
     corpus: str | None = None,
     tokens: int = 100_000,
     name: str | None = None,
-    replace: bool = False,
     device: str = "auto",
     config: IndexConfig | None = None,
-) -> IndexSummary:
-    run_dir = Path(run_dir).resolve()
-    ckpt = checkpoint.open(run_dir, device=resolve_device(device))
+) -> IndexedRun:
+    """Index an opened checkpoint (`checkpoint.open(run_dir)`) on `tokens` tokens of `corpus` (default: the
+    corpus it was trained on), rounded up to whole contexts."""
     model, model_info = ckpt.model, ckpt.model_info
-    _prepare_database(db_url, default_db_url)
+    run_dir = ckpt.run_dir.resolve()
     if not model_info.name:
         raise HSAEError(f"{run_dir} was trained without a language model; indexing needs one to show contexts")
     if tokens < 1:
         raise HSAEError(f"--tokens must be positive, got {tokens}")
-    name = name or run_dir.name
-    if not name.strip() or len(name) > 200:
-        raise HSAEError(f"run name must be 1 to 200 characters, got {name!r}")
+    name = check_run_name(name or run_dir.name)
 
     corpus = corpus or ckpt.data_info.corpus_spec or "demo"
     context_len = ckpt.data_info.context_len or DEFAULT_CONTEXT_LEN
@@ -142,16 +140,7 @@ def index_checkpoint(
         metrics=ckpt.metrics,
         checkpoint_path=str(run_dir),
     )
-    with tqdm(desc="writing", unit=" rows", unit_scale=True) as bar:
-        def progress(stage: str, done: int, total: int) -> None:
-            bar.set_description(f"writing {stage}")
-            bar.total = total
-            bar.n = done
-            bar.refresh()
-
-        run_id = write_run(db_url, result, info, store, output_tokens=output_tokens, edge_cosines=cosines,
-                           replace=replace, progress=progress)
-    return IndexSummary(run_id=run_id, name=name, tokens=n_rows, contexts=n_contexts)
+    return IndexedRun(result, info, store, output_tokens, cosines, tokens=n_rows, n_contexts=n_contexts)
 
 
 @torch.no_grad()

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import torch
 
+from backend.settings import get_settings
 from trainer import checkpoint
 from trainer.config import ArchConfig, RunConfig, TrainConfig
 from trainer.corpus import demo_corpus_path
 from trainer.lm import converted_default_model
-from trainer.settings import get_settings
 from trainer.sources import DataSpec
 
 RUN_NAME = "demo-moe"
@@ -75,8 +75,8 @@ def _indexed(db_url: str, digest: str) -> bool:
 
 
 def run_demo(host: str = "127.0.0.1", port: int = 8000, serve: bool = True, size: DemoSize | None = None) -> Path:
+    from backend.index.pipeline import index_checkpoint
     from backend.server import serve as serve_app
-    from trainer.index.pipeline import index_checkpoint
     from trainer.workflows import run_eval, run_training
 
     settings = get_settings()

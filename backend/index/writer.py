@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -25,6 +24,7 @@ from trainer.errors import HSAEError
 from trainer.index.accumulate import KIND_QUANTILE, KIND_TOP, IndexResult, LevelIndex
 from trainer.index.contexts import ContextProvider
 from trainer.index.directions import OutputTokens
+from trainer.index.run import RunInfo
 
 log = logging.getLogger(__name__)
 
@@ -34,22 +34,6 @@ Progress = Callable[[str, int, int], None]  # (stage, rows done, rows in stage)
 
 class RunExistsError(HSAEError):
     """A complete run already holds the name and replacing it was not asked for."""
-
-
-@dataclass(frozen=True)
-class RunInfo:
-    """What the run row says about where the features came from."""
-
-    name: str
-    model_name: str
-    layer: int
-    hook: str
-    arch: str
-    checkpoint_digest: str
-    config: dict[str, Any]
-    corpus: dict[str, Any]
-    metrics: dict[str, Any] | None = None
-    checkpoint_path: str | None = None  # absolute; lets the server load the checkpoint for live prompts
 
 
 def round_significant(x: np.ndarray, digits: int) -> np.ndarray:
