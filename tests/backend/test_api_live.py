@@ -15,9 +15,10 @@ import torch
 from fastapi.testclient import TestClient
 
 from backend.app import create_app
-from backend.live import LevelCodes, LiveService, PromptToken
+from backend.live import LiveService
 from tests.backend.api_fixtures import SynthRun, app_settings, make_run, new_database, session_scope  # noqa: F401
 from tests.backend.test_api_browse import assert_error
+from tests.backend.test_live_service import SlowModel
 from trainer.checkpoint import read_info
 
 LIVE_RUN = "live"
@@ -177,32 +178,7 @@ def test_live_request_errors(live_client):
     assert "/nonexistent/run" in body["detail"]
 
 
-# ---- limits, with a slow stand-in model ------------------------------------------------------------------
-class SlowModel:
-    device = "cpu"
-    parents = [None, np.arange(8) // 2]
-
-    def __init__(self, delay: float):
-        self.delay = delay
-
-    def tokenize(self, text: str) -> list[PromptToken]:
-        tokens, start = [], 0
-        for word in text.split(" "):
-            tokens.append(PromptToken(len(word), start, start + len(word)))
-            start += len(word) + 1
-        return tokens
-
-    def encode(self, prompts: list[list[int]]) -> list[list[LevelCodes]]:
-        time.sleep(self.delay)
-        out = []
-        for prompt in prompts:
-            T = len(prompt)
-            top = LevelCodes(np.tile([[0, -1]], (T, 1)), np.tile([[1.0, 0.0]], (T, 1)).astype(np.float32))
-            low = LevelCodes(np.tile([[1, 7]], (T, 1)), np.tile([[0.5, 0.25]], (T, 1)).astype(np.float32))
-            out.append([top, low])
-        return out
-
-
+# ---- limits, with a slow stand-in model (tests/backend/test_live_service.py) -----------------------------
 def slow_app(live_db: str, delay: float, **settings):
     app = create_app(app_settings(live_db, **settings))
     app.state.live = LiveService(app.state.settings, loader=lambda spec, device: SlowModel(delay))
