@@ -67,7 +67,7 @@ def _indexed(db_url: str, digest: str) -> bool:
     try:
         with engine.connect() as conn:
             found = conn.execute(
-                visible_runs().with_only_columns(Run.checkpoint_digest).where(Run.name == RUN_NAME)
+                visible_runs(Run.checkpoint_digest).where(Run.name == RUN_NAME)
             ).scalar()
         return found == digest
     finally:
