@@ -24,7 +24,7 @@ def _configure_and_run(connection) -> None:
 
 
 def _url_from_command_line() -> str:
-    from trainer.settings import get_settings
+    from backend.settings import get_settings
 
     return context.get_x_argument(as_dictionary=True).get("db") or get_settings().resolved_database_url
 

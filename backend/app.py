@@ -28,7 +28,7 @@ from backend.api.deps import APIError
 from backend.api.routes import API_ROUTERS, ROOT_ROUTERS
 from backend.db.session import make_engine, session_factory
 from backend.live import LiveError, LiveService
-from trainer.settings import Settings, get_settings
+from backend.settings import Settings, get_settings
 
 API_PREFIX = "/api/v1"
 log = logging.getLogger("hsae.api")

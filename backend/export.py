@@ -6,9 +6,11 @@ applying such a document's annotations.
      "root": {"level", "index", "label", "note", "tags", "stats", "top_tokens", "examples",
               "children": [...]}}
 
-backend/schemas/hsae-subtree.schema.json describes it as a JSON Schema; `SubtreeDocument`
-(backend/api/schemas) is the same shape for pydantic. The API's export and import and `hsae export` /
-`hsae import` all come here.
+The pydantic models in backend/api/schemas (`SubtreeDocument` and its parts) are the one definition: an
+export is built as those models, an import is validated by them, and backend/schemas/hsae-subtree.schema.json
+is their JSON Schema (`document_schema()`; a test checks that the committed file equals it; regenerate it
+with `python -m backend.export`). The API's export and import and `hsae export` / `hsae import` all come
+here.
 
 An import applies annotations only: a node with a label, a note or tags replaces that feature's annotation
 (with a history event); a node with none is skipped, so an import never erases work done since the export.
@@ -29,14 +31,47 @@ from sqlalchemy.orm import Session
 
 from backend import queries
 from backend.api import views
-from backend.api.schemas import ImportResult, SubtreeDocument, SubtreeNode
+from backend.api.schemas import (
+    ImportResult,
+    SubtreeDocument,
+    SubtreeExample,
+    SubtreeNode,
+    SubtreeRun,
+    SubtreeStats,
+    SubtreeTopTokens,
+    TopToken,
+    is_feature_address,
+)
 from backend.db.session import open_database, session_factory
 from trainer.errors import HSAEError
-from trainer.settings import get_settings
+from backend.settings import get_settings
 
 FORMAT = "hsae-subtree"
 VERSION = 1
 SCHEMA_PATH = Path(__file__).resolve().parent / "schemas" / "hsae-subtree.schema.json"
+SCHEMA_HEADER = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "$id": "https://hsae-forest.invalid/schemas/hsae-subtree.schema.json",
+    "title": "HSAE Forest exported subtree (Contract 4)",
+    "description": (
+        "A feature of an indexed HSAE run and its descendants, with annotations, statistics, top output tokens "
+        "and examples. `hsae import` and POST /api/v1/runs/{run}/import apply its annotations to a run of the "
+        "same checkpoint (model, layer, arch, checkpoint_digest). Level 0 is the top of the forest; every child "
+        "is one level below its parent."
+    ),
+}
+
+
+def document_schema() -> dict[str, Any]:
+    """The JSON Schema of the document: the pydantic models' own, under a header naming the contract."""
+    schema = SubtreeDocument.model_json_schema()
+    for key in SCHEMA_HEADER:
+        schema.pop(key, None)
+    return {**SCHEMA_HEADER, **schema}
+
+
+def write_schema(path: Path = SCHEMA_PATH) -> None:
+    path.write_text(json.dumps(document_schema(), ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
 
 
 class UnknownRunError(HSAEError):
@@ -59,10 +94,10 @@ class RunMismatchError(HSAEError):
 IDENTITY_FIELDS = ("name", "model", "layer", "hook", "arch", "checkpoint_digest", "level_widths", "n_tokens")
 
 
-def run_identity(run: Row) -> dict[str, Any]:
+def run_identity(run: Row) -> SubtreeRun:
     """The run as the document names it: the API's run summary without what is local to one server."""
     summary = views.run_summary(run)
-    return {key: summary[key] for key in IDENTITY_FIELDS}
+    return SubtreeRun(**{key: summary[key] for key in IDENTITY_FIELDS})
 
 
 def build_subtree(
@@ -73,8 +108,10 @@ def build_subtree(
     *,
     depth: int | None = None,
     include_examples: bool = True,
-) -> dict[str, Any]:
+) -> SubtreeDocument:
     """The document for feature (level, index) and its descendants `depth` levels down (None: all)."""
+    if not is_feature_address(level, index):  # no feature can live there, and the database could not say so
+        raise UnknownFeatureError(f"run {run.name!r} has no feature {level}/{index}")
     root_row = queries.get_subtree_root(session, run.id, level, index)
     if root_row is None:
         raise UnknownFeatureError(f"run {run.name!r} has no feature {level}/{index}")
@@ -84,64 +121,64 @@ def build_subtree(
     while frontier:
         if include_examples:
             for row in queries.get_examples_of(session, run.id, node_level, sorted(frontier)):
-                frontier[row.idx]["examples"].append(_example(row))
+                frontier[row.idx].examples.append(_example(row))
         if remaining == 0:
             break
-        parents = sorted(idx for idx, node in frontier.items() if node["stats"]["child_count"])
+        parents = sorted(idx for idx, node in frontier.items() if node.stats.child_count)
         children = queries.get_children_of(session, run.id, node_level, parents) if parents else []
-        next_frontier: dict[int, dict[str, Any]] = {}
+        next_frontier: dict[int, SubtreeNode] = {}
         for row in children:
             child = _node(row)
-            frontier[row.parent_idx]["children"].append(child)
+            frontier[row.parent_idx].children.append(child)
             next_frontier[row.idx] = child
         frontier, node_level = next_frontier, node_level + 1
         remaining = None if remaining is None else remaining - 1
-    return {
-        "format": FORMAT,
-        "version": VERSION,
-        "exported_at": datetime.now(UTC).isoformat(),
-        "depth": depth,
-        "includes_examples": include_examples,
-        "run": run_identity(run),
-        "root": root,
-    }
+    return SubtreeDocument(
+        format=FORMAT,
+        version=VERSION,
+        exported_at=datetime.now(UTC),
+        depth=depth,
+        includes_examples=include_examples,
+        run=run_identity(run),
+        root=root,
+    )
 
 
-def _node(row: Any) -> dict[str, Any]:
-    return {
-        "level": row.level,
-        "index": row.idx,
-        "label": row.label,
-        "note": row.note,
-        "tags": list(row.tags or []),
-        "stats": {
-            "fire_count": row.fire_count,
-            "density": row.density,
-            "max_act": row.max_act,
-            "mean_act": row.mean_act,
-            "child_count": row.child_count,
-        },
-        "top_tokens": {
-            "positive": [{"token": token, "logit": logit} for token, logit in row.top_positive],
-            "negative": [{"token": token, "logit": logit} for token, logit in row.top_negative],
-        },
-        "examples": [],
-        "children": [],
-    }
+def _node(row: Any) -> SubtreeNode:
+    return SubtreeNode(
+        level=row.level,
+        index=row.idx,
+        label=row.label,
+        note=row.note,
+        tags=list(row.tags or []),
+        stats=SubtreeStats(
+            fire_count=row.fire_count,
+            density=row.density,
+            max_act=row.max_act,
+            mean_act=row.mean_act,
+            child_count=row.child_count,
+        ),
+        top_tokens=SubtreeTopTokens(
+            positive=[TopToken(token=token, logit=logit) for token, logit in row.top_positive],
+            negative=[TopToken(token=token, logit=logit) for token, logit in row.top_negative],
+        ),
+        examples=[],
+        children=[],
+    )
 
 
-def _example(row: Any) -> dict[str, Any]:
-    return {
-        "kind": row.kind,
-        "bucket": row.bucket,
-        "rank": row.rank,
-        "doc_id": row.doc_id,
-        "start": row.start,
-        "tokens": list(row.tokens),
-        "values": list(row.token_values),
-        "max_value": row.max_value,
-        "max_position": row.max_position,
-    }
+def _example(row: Any) -> SubtreeExample:
+    return SubtreeExample(
+        kind=row.kind,
+        bucket=row.bucket,
+        rank=row.rank,
+        doc_id=row.doc_id,
+        start=row.start,
+        tokens=list(row.tokens),
+        values=list(row.token_values),
+        max_value=row.max_value,
+        max_position=row.max_position,
+    )
 
 
 # ---- import ----------------------------------------------------------------------------------------------
@@ -273,7 +310,8 @@ def export_subtree(
             run = queries.get_run(session, run_name)
             if run is None:
                 raise UnknownRunError(f"no run named {run_name!r}")
-            return build_subtree(session, run, level, index, depth=depth, include_examples=include_examples)
+            document = build_subtree(session, run, level, index, depth=depth, include_examples=include_examples)
+            return document.model_dump(mode="json")
     finally:
         engine.dispose()
 
@@ -313,3 +351,8 @@ def import_document(
             return apply_document(session, run, document, author)
     finally:
         engine.dispose()
+
+
+if __name__ == "__main__":  # python -m backend.export: rewrite the committed JSON Schema from the models
+    write_schema()
+    print(f"wrote {SCHEMA_PATH}")

@@ -8,18 +8,16 @@ create_app includes `router` and calls `mount_frontend(app)`.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
 
 import jinja2
 import plotly
-from fastapi import APIRouter, FastAPI, Path as PathParam, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import FileResponse, HTMLResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 
 from backend import queries
-from backend.api.deps import SessionDep
-from backend.api.schemas import MAX_INDEX, MAX_LEVEL
+from backend.api.deps import IndexPath as Index, LevelPath as Level, SessionDep
 
 TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
 FRONTEND_DIR = Path(__file__).resolve().parents[1] / "frontend"
@@ -36,8 +34,6 @@ templates = Jinja2Templates(
 
 router = APIRouter(include_in_schema=False)
 
-Level = Annotated[int, PathParam(ge=0, le=MAX_LEVEL)]
-Index = Annotated[int, PathParam(ge=0, le=MAX_INDEX)]
 
 
 def _write_mode(request: Request) -> str:

@@ -48,11 +48,11 @@ RUN_COLUMNS = (
 
 
 def _visible_runs():
-    return select(*RUN_COLUMNS).where(Run.complete.is_(True))
+    return visible_runs(*RUN_COLUMNS)
 
 
 def list_runs(session: Session, offset: int, limit: int) -> tuple[int, Sequence[Row]]:
-    total = session.scalar(select(func.count()).select_from(visible_runs().subquery())) or 0
+    total = session.scalar(select(func.count()).select_from(visible_runs(Run.id).subquery())) or 0
     rows = session.execute(_visible_runs().order_by(Run.name, Run.id).offset(offset).limit(limit)).all()
     return total, rows
 

@@ -280,8 +280,7 @@ def add_live_run(url: str, layer: int) -> Path:
     """A freshly initialised MoE H-SAE of the default size, saved as a checkpoint, and a run row for it."""
     import torch
 
-    from backend.live import file_digest
-    from trainer.checkpoint import save_checkpoint
+    from trainer.checkpoint import read_info, save_checkpoint
     from trainer.config import ArchConfig
     from trainer.lm import DEFAULT_MODEL
     from trainer.models import build_model
@@ -306,7 +305,7 @@ def add_live_run(url: str, layer: int) -> Path:
                 DEFAULT_MODEL,
                 layer,
                 f"blocks.{layer}.hook_resid_post",
-                file_digest(run_dir / "weights.safetensors"),
+                read_info(run_dir).digest,
                 str(run_dir),
                 json.dumps(model.level_widths),
             ),

@@ -17,7 +17,8 @@ from sqlalchemy import create_engine
 from sqlalchemy.exc import OperationalError
 
 from backend.db.session import upgrade
-from trainer.index import ContextRecord, IndexAccumulator, IndexConfig, RunInfo, write_run
+from backend.index.writer import write_run
+from trainer.index import ContextRecord, IndexAccumulator, IndexConfig, RunInfo
 
 CONTEXT_LEN = 128
 POSTGRES_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/test"

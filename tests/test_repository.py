@@ -101,7 +101,7 @@ def test_contract_1_names_every_command_and_option_of_the_cli():
     import click
     import typer
 
-    from trainer.cli import app
+    from backend.cli import app
 
     section = contract_section("contract-1-command-line")
 
@@ -125,7 +125,7 @@ def test_contract_1_names_every_command_and_option_of_the_cli():
 
 def test_contract_3_lists_every_api_path():
     from backend.app import create_app
-    from trainer.settings import Settings
+    from backend.settings import Settings
 
     section = contract_section("contract-3-http-api")
     paths = create_app(Settings(database_url="sqlite:///unused.db")).openapi()["paths"]

@@ -10,17 +10,34 @@ only here (format "hsae-checkpoint", version 1).
                          (cfg.json, sae_weights.safetensors)
     train_state.pt       optimizer, scheduler, RNG and dead-latent state, for `train(..., resume=True)`
 
-A save writes the whole directory under a temporary sibling name and swaps it in with two renames, so a
-reader never sees a half-written checkpoint; files in the run directory that a checkpoint does not own (the
-training log, a user's notes) are carried over as hard links. A crash between the two renames leaves the
-previous checkpoint under `.<name>.old-<pid>`; the next load or save puts it back.
+Everything else reads a checkpoint through `open(run_dir)` (the model with its typed description) or
+`read_info(run_dir)` (the description alone): no other module knows cfg.json's keys or hashes the weights.
+
+A save writes the whole directory under a temporary sibling name (`.<name>.tmp-<pid>-<token>`) and swaps it in
+with two renames, so a reader never sees a half-written checkpoint; files in the run directory that a
+checkpoint does not own (the training log, a user's notes) are carried over as hard links. A save that fails
+in this process undoes itself. A process killed between the two renames leaves the previous checkpoint under
+`.<name>.old-<pid>-<token>` and no `<name>`: readers then read that previous checkpoint where it lies, and the
+next save puts it back.
+
+Reading never renames or deletes anything. Only a save cleans up, and only leftovers untouched for
+STALE_AFTER_S: a process id says nothing about a writer in another container sharing the folder, and a
+temporary that is still changing may belong to a save under way there.
 """
 
 from __future__ import annotations
 
+import builtins
+import hashlib
 import json
+import math
 import os
+import secrets
 import shutil
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from functools import cached_property
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -46,6 +63,9 @@ SAELENS_DIR = "saelens"
 OWNED = {CFG_FILE, WEIGHTS_FILE, HIERARCHY_FILE, METRICS_FILE, TRAIN_STATE_FILE, SAELENS_DIR}
 SAELENS_WEIGHTS_FILE = "sae_weights.safetensors"  # sae_lens.constants.SAE_WEIGHTS_FILENAME
 SAELENS_CFG_FILE = "cfg.json"  # sae_lens.constants.SAE_CFG_FILENAME
+STALE_AFTER_S = 3600.0
+"""A save's leftover temporary is removed (or an aside checkpoint put back) only after this long unchanged:
+a save under way, in this container or another one sharing the folder, keeps touching its temporary."""
 
 
 class CheckpointError(HSAEError):
@@ -65,10 +85,30 @@ def save_checkpoint(
     """Writes (or atomically replaces) the checkpoint in `run_dir`; `training` must hold the "step"."""
     run_dir = Path(run_dir)
     recover(run_dir)
-    tmp = run_dir.with_name(f".{run_dir.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    # pid for a person looking at the folder; the random token keeps names apart across containers, whose
+    # processes may share a pid
+    tag = f"{os.getpid()}-{secrets.token_hex(4)}"
+    tmp = run_dir.with_name(f".{run_dir.name}.tmp-{tag}")
     tmp.mkdir(parents=True)
+    try:
+        _write_checkpoint(tmp, model, model_info=model_info, training=training, data_info=data_info,
+                          train_state=train_state)
+        _swap_in(tmp, run_dir, tag)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return run_dir
+
+
+def _write_checkpoint(
+    tmp: Path,
+    model: HSAE,
+    *,
+    model_info: dict[str, Any],
+    training: dict[str, Any],
+    data_info: dict[str, Any] | None,
+    train_state: dict[str, Any] | None,
+) -> None:
     step = int(training["step"])
     arch_cfg, state = model.to_checkpoint()
     cfg = {
@@ -92,17 +132,25 @@ def save_checkpoint(
     if train_state is not None:
         torch.save(train_state, tmp / TRAIN_STATE_FILE)
     _write_json(tmp / CFG_FILE, cfg)  # last: a directory with cfg.json is complete
-    if run_dir.exists():
-        for entry in run_dir.iterdir():
-            if entry.name not in OWNED:
-                _link_or_copy(entry, tmp / entry.name)
-        old = run_dir.with_name(f".{run_dir.name}.old-{os.getpid()}")
-        os.rename(run_dir, old)
+
+
+def _swap_in(tmp: Path, run_dir: Path, tag: str) -> None:
+    """Replace run_dir by the complete checkpoint in `tmp`, carrying over the files a checkpoint does not own.
+    If the second rename fails, the previous checkpoint goes back before the error propagates."""
+    if not run_dir.exists():
         os.rename(tmp, run_dir)
-        shutil.rmtree(old)
-    else:
+        return
+    for entry in run_dir.iterdir():
+        if entry.name not in OWNED:
+            _link_or_copy(entry, tmp / entry.name)
+    old = run_dir.with_name(f".{run_dir.name}.old-{tag}")
+    os.rename(run_dir, old)
+    try:
         os.rename(tmp, run_dir)
-    return run_dir
+    except BaseException:
+        os.rename(old, run_dir)
+        raise
+    shutil.rmtree(old, ignore_errors=True)  # a failure leaves a leftover that a later save removes
 
 
 def hierarchy_document(
@@ -120,12 +168,14 @@ def hierarchy_document(
 
 def write_hierarchy(run_dir: str | Path, model: HSAE, edge_stats: list[dict[str, Any]]) -> None:
     """Rewrites hierarchy.json with per-edge statistics (in `model.edges()` order), atomically."""
-    step = read_cfg(run_dir)["training"].get("step", 0)
+    recover(Path(run_dir))
+    step = read_info(run_dir).step
     _write_json_atomic(Path(run_dir) / HIERARCHY_FILE, hierarchy_document(model, step, edge_stats))
 
 
 def write_metrics(run_dir: str | Path, metrics: dict[str, Any]) -> None:
-    read_cfg(run_dir)
+    recover(Path(run_dir))
+    read_info(run_dir)
     _write_json_atomic(Path(run_dir) / METRICS_FILE, metrics)
 
 
@@ -164,18 +214,159 @@ def _write_saelens_level(path: Path, model: HSAE, level: int, model_info: dict[s
 
 
 # ---- reading ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ModelInfo:
+    """The language model whose residual stream the run was trained on; all None for an activations file."""
+
+    name: str | None = None
+    layer: int | None = None
+    hook: str | None = None
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    """What the run was trained on: rows of an activations file, or tokens of a corpus."""
+
+    activations: str | None = None
+    """The activations file (then `rows` says how many rows were read)."""
+    rows: int | None = None
+    corpus: Mapping[str, Any] | None = None
+    """The corpus as the activation cache describes it (its "spec", a fingerprint, ...)."""
+    tokens: int | None = None
+    context_len: int | None = None
+
+    @property
+    def corpus_spec(self) -> str | None:
+        return None if self.corpus is None else self.corpus.get("spec")
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """A checkpoint's cfg.json, checked and typed, without its weights (cheap: no tensor is read)."""
+
+    run_dir: Path
+    cfg: Mapping[str, Any] = field(repr=False)
+    """cfg.json as written, for storing it whole (the indexed run's `config`); not for picking keys from."""
+    arch: str
+    d_in: int
+    level_widths: list[int]
+    arch_config: Mapping[str, Any]
+    model_info: ModelInfo
+    data_info: DataInfo
+    step: int
+    finished: bool
+    batch_size: int | None
+    seed: int | None
+    max_norm: float
+    """The massive-activation threshold training used (rows above it get no features); inf: none."""
+    max_norm_multiple: float | None
+    source_dir: Path = field(repr=False)
+    """Where the files are read from: run_dir, or the previous checkpoint an interrupted save left aside."""
+
+    @cached_property
+    def digest(self) -> str:
+        """sha256 hex digest of weights.safetensors: an indexed run's checkpoint_digest, which tells whether
+        the checkpoint at a path is still the one that was indexed."""
+        h = hashlib.sha256()
+        try:
+            with builtins.open(self.source_dir / WEIGHTS_FILE, "rb") as f:
+                while block := f.read(1 << 20):
+                    h.update(block)
+        except OSError as err:
+            raise CheckpointError(f"damaged checkpoint {self.run_dir}: cannot read {WEIGHTS_FILE} "
+                                  f"({err.strerror or err})") from None
+        return h.hexdigest()
+
+    @cached_property
+    def metrics(self) -> dict[str, Any] | None:
+        """metrics.json (written by evaluation of these weights: a new save drops it), or None."""
+        return read_metrics(self.source_dir)
+
+
+@dataclass(frozen=True)
+class Checkpoint(CheckpointInfo):
+    """An opened checkpoint: its description and its model, in eval mode on the device it was opened on."""
+
+    model: HSAE = field(default=None, repr=False)  # type: ignore[assignment]  # always set by open()
+
+
 def is_checkpoint(run_dir: str | Path) -> bool:
-    recover(Path(run_dir))
-    return (Path(run_dir) / CFG_FILE).is_file()
+    return (_source_dir(Path(run_dir)) / CFG_FILE).is_file()
 
 
-def read_cfg(run_dir: str | Path) -> dict[str, Any]:
-    """cfg.json, checked to be ours and of a version this code reads."""
+def read_info(run_dir: str | Path) -> CheckpointInfo:
+    """The checkpoint's description; CheckpointError with a one-line message if it is missing, damaged,
+    foreign or of a newer version."""
     run_dir = Path(run_dir)
-    recover(run_dir)
-    if not run_dir.is_dir():
+    source = _source_dir(run_dir)
+    cfg = _read_cfg(run_dir, source)
+    model = cfg.get("model") or {}
+    data = cfg.get("data") or {}
+    training = cfg["training"]
+    try:
+        max_norm = training.get("max_norm")
+        info = CheckpointInfo(
+            run_dir=run_dir,
+            cfg=cfg,
+            arch=cfg["arch"],
+            d_in=int(cfg["d_in"]),
+            level_widths=[int(level["width"]) for level in cfg["levels"]],
+            arch_config=cfg["arch_config"],
+            model_info=ModelInfo(model.get("name"), _int_or_none(model.get("layer")), model.get("hook")),
+            data_info=DataInfo(
+                activations=data.get("activations"),
+                rows=_int_or_none(data.get("rows")),
+                corpus=data.get("corpus"),
+                tokens=_int_or_none(data.get("tokens")),
+                context_len=_int_or_none(data.get("context_len")),
+            ),
+            step=int(training.get("step", 0)),
+            finished=bool(training.get("finished", False)),
+            batch_size=_int_or_none(training.get("batch_size")),
+            seed=_int_or_none(training.get("seed")),
+            # a run trained on every row, or by a version that did not record one, has no threshold
+            max_norm=math.inf if max_norm is None else float(max_norm),
+            max_norm_multiple=training.get("max_norm_multiple"),
+            source_dir=source,
+        )
+    except (TypeError, ValueError, KeyError, AttributeError) as err:
+        raise CheckpointError(f"damaged checkpoint {run_dir}: {CFG_FILE} has a malformed field ({err})") from None
+    return info
+
+
+def open(run_dir: str | Path, device: str | torch.device = "cpu") -> Checkpoint:  # noqa: A001
+    """The checkpoint with its model in eval mode on `device`."""
+    info = read_info(run_dir)
+    fields = {name: getattr(info, name) for name in CheckpointInfo.__dataclass_fields__}
+    return Checkpoint(**fields, model=_load_model(info).to(device).eval())
+
+
+def load_checkpoint(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[HSAE, dict[str, Any]]:
+    """(model in eval mode on `device`, cfg.json as a dict): the raw document, for tests of the format."""
+    ckpt = open(run_dir, device)
+    return ckpt.model, dict(ckpt.cfg)
+
+
+def read_metrics(run_dir: str | Path) -> dict[str, Any] | None:
+    """metrics.json of a run directory (evaluation's output), or None when it has none."""
+    path = _source_dir(Path(run_dir)) / METRICS_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"damaged {path}: not valid JSON ({err})") from None
+
+
+def _int_or_none(value: Any) -> int | None:
+    return None if value is None else int(value)
+
+
+def _read_cfg(run_dir: Path, source: Path) -> dict[str, Any]:
+    """cfg.json, checked to be ours and of a version this code reads."""
+    if not source.is_dir():
         raise CheckpointError(f"no checkpoint at {run_dir}: the directory does not exist")
-    path = run_dir / CFG_FILE
+    path = source / CFG_FILE
     if not path.is_file():
         raise CheckpointError(f"{run_dir} is not an HSAE checkpoint: it has no {CFG_FILE}")
     try:
@@ -201,15 +392,13 @@ def read_cfg(run_dir: str | Path) -> dict[str, Any]:
     return cfg
 
 
-def load_checkpoint(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[HSAE, dict[str, Any]]:
-    """(model in eval mode on `device`, cfg.json as a dict)."""
-    run_dir = Path(run_dir)
-    cfg = read_cfg(run_dir)
+def _load_model(info: CheckpointInfo) -> HSAE:
+    run_dir = info.run_dir
     try:
-        cls = model_class(cfg["arch"])
+        cls = model_class(info.arch)
     except ConfigError as err:
         raise CheckpointError(f"damaged checkpoint {run_dir}: {err}") from None
-    weights = run_dir / WEIGHTS_FILE
+    weights = info.source_dir / WEIGHTS_FILE
     if not weights.is_file():
         raise CheckpointError(f"damaged checkpoint {run_dir}: {WEIGHTS_FILE} is missing")
     try:
@@ -217,7 +406,7 @@ def load_checkpoint(run_dir: str | Path, device: str | torch.device = "cpu") -> 
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"damaged checkpoint {run_dir}: cannot read {WEIGHTS_FILE} ({err})") from None
     try:
-        model = cls.from_checkpoint({"arch": cfg["arch_config"], "d_in": cfg["d_in"]}, state)
+        return cls.from_checkpoint({"arch": dict(info.arch_config), "d_in": info.d_in}, state)
     except ConfigError as err:
         raise CheckpointError(f"damaged checkpoint {run_dir}: bad arch_config ({err})") from None
     except RuntimeError as err:  # missing / unexpected / mis-shaped tensors
@@ -226,7 +415,6 @@ def load_checkpoint(run_dir: str | Path, device: str | torch.device = "cpu") -> 
         raise CheckpointError(
             f"damaged checkpoint {run_dir}: weights do not fit the config ({detail})"
         ) from None
-    return model.to(device).eval(), cfg
 
 
 def load_train_state(run_dir: str | Path) -> dict[str, Any]:
@@ -242,35 +430,52 @@ def load_train_state(run_dir: str | Path) -> dict[str, Any]:
 
 
 # ---- crash recovery and file helpers ---------------------------------------------------------------------
+def _aside(run_dir: Path) -> list[Path]:
+    """Previous checkpoints that saves moved aside, oldest first."""
+    return sorted(run_dir.parent.glob(f".{run_dir.name}.old-*"), key=_last_changed)
+
+
+def _source_dir(run_dir: Path) -> Path:
+    """Where run_dir's checkpoint is read: run_dir itself, or, when it is missing because a save was killed
+    between its two renames, the previous checkpoint that save moved aside, read where it lies."""
+    if run_dir.exists() or not run_dir.parent.is_dir():
+        return run_dir
+    aside = [p for p in _aside(run_dir) if (p / CFG_FILE).is_file()]
+    return aside[-1] if aside else run_dir
+
+
 def recover(run_dir: Path) -> None:
-    """Puts back the previous checkpoint if a save died between its two renames; drops stale temporaries."""
+    """For writers only (a save, training about to resume): put back the previous checkpoint a killed save left
+    aside, and remove leftover temporaries. Both only when unchanged for STALE_AFTER_S, so that a save under
+    way in another process, in this container or another, is never disturbed."""
     run_dir = Path(run_dir)
     if not run_dir.parent.is_dir():
         return
-    # a live writer's temporaries are its business: only those of dead processes are touched
-    olds = [p for p in sorted(run_dir.parent.glob(f".{run_dir.name}.old-*")) if not _pid_alive(p)]
-    if not run_dir.exists() and olds:
-        os.rename(olds[-1], run_dir)
-        olds = olds[:-1]
+    stale = [p for p in _aside(run_dir) if _is_stale(p)]
+    if not run_dir.exists() and stale:
+        os.rename(stale.pop(), run_dir)
     if run_dir.exists():
-        for stale in olds + sorted(run_dir.parent.glob(f".{run_dir.name}.tmp-*")):
-            if not _pid_alive(stale):
-                shutil.rmtree(stale, ignore_errors=True)
+        temporaries = [p for p in run_dir.parent.glob(f".{run_dir.name}.tmp-*") if _is_stale(p)]
+        for leftover in stale + temporaries:
+            shutil.rmtree(leftover, ignore_errors=True)
 
 
-def _pid_alive(temporary: Path) -> bool:
-    """Whether the process that named this temporary is still running (our own pid counts as not: a save of
-    ours that is not running any more died)."""
-    pid = temporary.name.rsplit("-", 1)[-1]
-    if not pid.isdigit() or int(pid) == os.getpid():
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+def _last_changed(path: Path) -> float:
+    """The latest modification or status change of `path` and everything under it. The status change counts
+    because a rename (moving a checkpoint aside) and a hard link (carrying a file over) change only that."""
+    latest = 0.0
+    for root, dirs, files in os.walk(path):
+        for name in [None, *dirs, *files]:
+            try:
+                st = os.lstat(root if name is None else os.path.join(root, name))
+            except OSError:
+                continue
+            latest = max(latest, st.st_mtime, st.st_ctime)
+    return latest
+
+
+def _is_stale(path: Path) -> bool:
+    return time.time() - _last_changed(path) > STALE_AFTER_S
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:

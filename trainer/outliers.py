@@ -18,7 +18,8 @@ from torch import Tensor
 
 def norm_threshold(sample_ND: Tensor, multiple: float | None) -> float:
     """`multiple` × the median row norm of `sample_ND`; inf when `multiple` is None (keep every row). Training
-    fits it once and records it in cfg.json; eval, index and the live view read it back from there."""
+    fits it once and records it in the checkpoint; eval, index and the live view read it back as
+    `checkpoint.open(run_dir).max_norm`."""
     if multiple is None or len(sample_ND) == 0:
         return math.inf
     return float(multiple * sample_ND.float().norm(dim=-1).median())
@@ -27,13 +28,6 @@ def norm_threshold(sample_ND: Tensor, multiple: float | None) -> float:
 def inliers(x_ND: Tensor, threshold: float) -> Tensor:
     """bool [N]: the rows whose norm is at most `threshold`."""
     return x_ND.float().norm(dim=-1) <= threshold
-
-
-def checkpoint_max_norm(cfg: dict) -> float:
-    """The threshold a checkpoint was trained with (cfg.json "training"."max_norm"); inf for a run trained on
-    every row, or by a version that did not record one."""
-    value = (cfg.get("training") or {}).get("max_norm")
-    return math.inf if value is None else float(value)
 
 
 def encode_inliers(model, x_raw_ND: Tensor, max_norm: float) -> tuple[list, Tensor]:

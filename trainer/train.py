@@ -192,6 +192,7 @@ def train(
     device = cfg.resolved_device()
     total = cfg.steps or max(1, source.num_rows // cfg.batch_size)
     train_state = None
+    checkpoint.recover(run_dir)  # this process writes run_dir: a save killed mid-swap is put right first
     if checkpoint.is_checkpoint(run_dir):
         if not resume:
             raise ConfigError(f"{run_dir} already holds a checkpoint; resume it or choose another directory")
@@ -289,17 +290,17 @@ def train(
 
 
 def _restore(model: HSAE, run_dir: Path, cfg: TrainConfig) -> dict[str, Any]:
-    saved, saved_cfg = checkpoint.load_checkpoint(run_dir)
-    same_arch = saved.arch == model.arch and saved_cfg["arch_config"] == model.cfg.to_dict()
+    saved = checkpoint.open(run_dir)
+    same_arch = saved.arch == model.arch and dict(saved.arch_config) == model.cfg.to_dict()
     if not same_arch or saved.d_in != model.d_in:
         raise ConfigError(f"cannot resume {run_dir}: it was trained with a different architecture config")
     for name in ("batch_size", "seed"):
-        if saved_cfg["training"].get(name) != getattr(cfg, name):
+        if getattr(saved, name) != getattr(cfg, name):
             raise ConfigError(
-                f"cannot resume {run_dir}: it was trained with {name}={saved_cfg['training'].get(name)}, "
+                f"cannot resume {run_dir}: it was trained with {name}={getattr(saved, name)}, "
                 f"not {getattr(cfg, name)}"
             )
-    model.load_state_dict(saved.state_dict())
+    model.load_state_dict(saved.model.state_dict())
     return checkpoint.load_train_state(run_dir)
 
 

@@ -5,7 +5,6 @@ Kept apart from cli.py so that the demo and the tests call the same code as a us
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import replace
@@ -22,7 +21,6 @@ from trainer.errors import HSAEError
 from trainer.evaluate import ce_loss_recovered, evaluate, format_metrics
 from trainer.lm import LanguageModel, resolve_device
 from trainer.models.registry import build_model
-from trainer.outliers import checkpoint_max_norm
 from trainer.settings import get_settings
 from trainer.sources import DataSpec, OpenedData, open_data
 from trainer.train import train
@@ -41,9 +39,9 @@ def run_training(data: DataSpec, run_cfg: RunConfig, out: Path | None, resume: b
     if resume and not checkpoint.is_checkpoint(run_dir):
         raise HSAEError(f"nothing to resume: {run_dir} holds no checkpoint")
     if resume:
-        saved = checkpoint.read_cfg(run_dir)
-        if saved["arch"] != run_cfg.arch.arch:
-            raise HSAEError(f"{run_dir} holds a {saved['arch']!r} run; resume it with --arch {saved['arch']}")
+        saved = checkpoint.read_info(run_dir)
+        if saved.arch != run_cfg.arch.arch:
+            raise HSAEError(f"{run_dir} holds a {saved.arch!r} run; resume it with --arch {saved.arch}")
         data = replace(data, **_data_overrides_from(saved))
     batch = run_cfg.train.batch_size
     if data.activations is None and data.tokens is not None and batch > data.tokens:
@@ -58,41 +56,39 @@ def run_training(data: DataSpec, run_cfg: RunConfig, out: Path | None, resume: b
     return run_dir
 
 
-def _data_overrides_from(cfg: dict[str, Any]) -> dict[str, Any]:
+def _data_overrides_from(saved: checkpoint.CheckpointInfo) -> dict[str, Any]:
     """A resumed run reads the data it started with, whatever the flags say."""
-    data = cfg.get("data") or {}
-    model = cfg.get("model") or {}
-    if "activations" in data:
-        return {"activations": data["activations"], "corpus": None, "tokens": int(data["rows"])}
-    if "corpus" in data:
-        return {"corpus": data["corpus"]["spec"], "activations": None, "tokens": int(data["tokens"]),
-                "model": model["name"], "layer": int(model["layer"]), "context_len": int(data["context_len"])}
+    data, model = saved.data_info, saved.model_info
+    if data.activations is not None:
+        return {"activations": data.activations, "corpus": None, "tokens": data.rows}
+    if data.corpus is not None:
+        return {"corpus": data.corpus_spec, "activations": None, "tokens": data.tokens,
+                "model": model.name, "layer": model.layer, "context_len": data.context_len}
     return {}
 
 
-def _eval_data(run_dir: Path, cfg: dict[str, Any], corpus: str | None, activations: str | None,
+def _eval_data(ckpt: checkpoint.CheckpointInfo, corpus: str | None, activations: str | None,
                tokens: int, device: str) -> tuple[OpenedData, int]:
     """The evaluation data and the first row to use: held-out rows after the training ones when evaluating on
     the training corpus, so that a run is never scored on what it was fitted to."""
-    model = cfg.get("model") or {}
-    trained_on = cfg.get("data") or {}
+    model, trained_on = ckpt.model_info, ckpt.data_info
     if activations is None and corpus is None:
-        if "activations" in trained_on:
-            activations = trained_on["activations"]
-        elif "corpus" in trained_on:
-            corpus = trained_on["corpus"]["spec"]
+        if trained_on.activations is not None:
+            activations = trained_on.activations
+        elif trained_on.corpus is not None:
+            corpus = trained_on.corpus_spec
         else:
             corpus = "demo"
-    if activations is None and not model.get("name"):
-        raise HSAEError(f"{run_dir} was trained without a language model: evaluate it with --activations FILE")
+    if activations is None and not model.name:
+        raise HSAEError(f"{ckpt.run_dir} was trained without a language model: evaluate it with --activations FILE")
     skip = 0
-    same_corpus = activations is None and "corpus" in trained_on and corpus == trained_on["corpus"]["spec"]
+    same_corpus = activations is None and trained_on.corpus is not None and corpus == trained_on.corpus_spec
     if same_corpus:
-        skip = int(trained_on.get("tokens", 0))
+        skip = trained_on.tokens or 0
     spec = DataSpec(
-        model=model.get("name") or DataSpec.model, layer=model.get("layer") or 0, corpus=corpus,
+        model=model.name or DataSpec.model, layer=model.layer or 0, corpus=corpus,
         activations=activations, tokens=skip + tokens, device=device,
-        context_len=int(trained_on.get("context_len", DataSpec.context_len)),
+        context_len=trained_on.context_len or DataSpec.context_len,
     )
     opened = open_data(spec)
     if opened.source.num_rows - skip < min(tokens, 1_000):
@@ -117,18 +113,19 @@ def corpus_ce_loss(lm: LanguageModel, tokens_CT: np.ndarray):
 
 def run_eval(run_dir: Path, corpus: str | None, activations: str | None, tokens: int, device: str,
              baseline: Path | None) -> tuple[dict[str, Any], str]:
-    model, cfg = checkpoint.load_checkpoint(run_dir, device=resolve_device(device))
-    opened, skip = _eval_data(run_dir, cfg, corpus, activations, tokens, device)
+    ckpt = checkpoint.open(run_dir, device=resolve_device(device))
+    model = ckpt.model
+    opened, skip = _eval_data(ckpt, corpus, activations, tokens, device)
     if opened.source.d_in != model.d_in:
         raise HSAEError(f"the evaluation activations have width {opened.source.d_in}, the run expects {model.d_in}")
     n = min(tokens, opened.source.num_rows - skip)
     batches = (torch.from_numpy(opened.source.read(lo, min(lo + 4096, skip + n))) for lo in range(skip, skip + n, 4096))
     # massive activations are left out with the threshold the run was trained with, as index and live do
-    max_norm = checkpoint_max_norm(cfg)
+    max_norm = ckpt.max_norm
     metrics = evaluate(model, batches, max_norm=max_norm)
     edge_stats = metrics.pop("edge_stats")
     metrics["data"] = {**opened.data_info, "eval_rows": [skip, skip + n], "held_out": skip > 0}
-    metrics["outliers"] = {"max_norm_multiple": (cfg.get("training") or {}).get("max_norm_multiple"),
+    metrics["outliers"] = {"max_norm_multiple": ckpt.max_norm_multiple,
                            "max_norm": max_norm if math.isfinite(max_norm) else None,
                            "rows": metrics.pop("outlier_rows")}
     if opened.lm is not None and opened.cache is not None:
@@ -140,10 +137,9 @@ def run_eval(run_dir: Path, corpus: str | None, activations: str | None, tokens:
     checkpoint.write_metrics(run_dir, metrics)
     base = None
     if baseline is not None:
-        base_path = Path(baseline) / checkpoint.METRICS_FILE
-        if not base_path.is_file():
+        base = checkpoint.read_metrics(baseline)
+        if base is None:
             raise HSAEError(f"baseline {baseline} has no {checkpoint.METRICS_FILE}: run `hsae eval {baseline}` first")
-        base = json.loads(base_path.read_text())
     table = format_metrics(metrics, base, names=(Path(run_dir).name[:11], Path(baseline).name[:11] if baseline else ""))
     return metrics, table
 
@@ -160,13 +156,13 @@ def run_encode(run_dir: Path, corpus: str | None, activations: str | None, token
         raise HSAEError("give exactly one of --activations FILE or --corpus SPEC")
     if out.suffix != ".safetensors":
         raise HSAEError(f"--out must end in .safetensors, got {out.name}")
-    model, cfg = checkpoint.load_checkpoint(run_dir, device=resolve_device(device))
-    model_info = cfg.get("model") or {}
-    if corpus is not None and not model_info.get("name"):
+    ckpt = checkpoint.open(run_dir, device=resolve_device(device))
+    model, model_info = ckpt.model, ckpt.model_info
+    if corpus is not None and not model_info.name:
         raise HSAEError(f"{run_dir} was trained without a language model: encode it with --activations FILE")
     if tokens is None and corpus is not None:
         tokens = ENCODE_CORPUS_TOKENS
-    spec = DataSpec(model=model_info.get("name") or DataSpec.model, layer=model_info.get("layer") or 0,
+    spec = DataSpec(model=model_info.name or DataSpec.model, layer=model_info.layer or 0,
                     corpus=corpus, activations=activations, tokens=tokens, device=device)
     opened = open_data(spec)
     if opened.source.d_in != model.d_in:

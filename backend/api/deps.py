@@ -15,7 +15,7 @@ from sqlalchemy import Row
 from sqlalchemy.orm import Session, sessionmaker
 
 from backend import queries
-from backend.api.schemas import MAX_INDEX, MAX_LEVEL, MAX_LIMIT, MAX_OFFSET, Text
+from backend.api.schemas import INDEX_BOUNDS, LEVEL_BOUNDS, MAX_LIMIT, MAX_OFFSET, Text
 from backend.live import LiveService
 
 
@@ -69,8 +69,9 @@ async def get_live(request: Request) -> LiveService:
 LiveDep = Annotated[LiveService, Depends(get_live)]
 
 RunName = Annotated[Text, Path(alias="run", max_length=200, description="the run's name")]
-LevelPath = Annotated[int, Path(ge=0, le=MAX_LEVEL, description="0 is the top level (roots)")]
-IndexPath = Annotated[int, Path(ge=0, le=MAX_INDEX, description="the feature's index within its level")]
+LevelPath = Annotated[int, Path(**LEVEL_BOUNDS, description="0 is the top level (roots)")]
+IndexPath = Annotated[int, Path(**INDEX_BOUNDS, description="the feature's index within its level")]
+"""A feature's address in a path, for the API and the pages alike (bounds: backend.api.schemas)."""
 
 
 def find_run(session: Session, name: str) -> Row:

@@ -17,6 +17,10 @@ MAX_LIMIT = 500
 MAX_OFFSET = 1_000_000_000
 MAX_LEVEL = 64
 MAX_INDEX = 2**31 - 1  # the database's INTEGER; beyond it PostgreSQL would fail instead of answering 404
+LEVEL_BOUNDS = {"ge": 0, "le": MAX_LEVEL}
+"""A feature's level, and a depth below it, as every path, query, body and command takes them."""
+INDEX_BOUNDS = {"ge": 0, "le": MAX_INDEX}
+"""A feature's index within its level, as every path, body and command takes it."""
 MAX_LABEL_CHARS = 500
 MAX_NOTE_CHARS = 20_000
 MAX_TAGS = 50
@@ -37,8 +41,14 @@ Text = Annotated[str, Field(pattern=r"^[^\x00]*$")]
 """Text from a client: no NUL, which PostgreSQL refuses in text (pydantic itself refuses lone surrogates,
 which no database could store either)."""
 UtcDatetime = Annotated[datetime, AfterValidator(_utc)]
-Level = Annotated[int, Field(ge=0, le=MAX_LEVEL, description="0 is the top level (roots)")]
-Index = Annotated[int, Field(ge=0, le=MAX_INDEX, description="the feature's latent index within its level")]
+Level = Annotated[int, Field(**LEVEL_BOUNDS, description="0 is the top level (roots)")]
+Index = Annotated[int, Field(**INDEX_BOUNDS, description="the feature's latent index within its level")]
+
+
+def is_feature_address(level: int, index: int) -> bool:
+    """Whether (level, index) can name a feature at all: what the API refuses with 422 before any query, and
+    what the command line's export checks before it asks the database (which could not even store it)."""
+    return LEVEL_BOUNDS["ge"] <= level <= LEVEL_BOUNDS["le"] and INDEX_BOUNDS["ge"] <= index <= INDEX_BOUNDS["le"]
 
 
 class Model(BaseModel):

@@ -225,6 +225,12 @@ class AnnotationEvent(Base):
     __table_args__ = (Index("ix_annotation_events_feature", "run_name", "level", "idx", "changed_at"),)
 
 
-def visible_runs() -> Select[tuple[Run]]:
-    """The runs readers may see: complete ones only."""
-    return select(Run).where(Run.complete.is_(True))
+def visible_runs(*columns: Any) -> Select[Any]:
+    """The runs readers may see: complete ones only. The one definition of visibility, used by the API's
+    queries, the index writer and the demo; `columns`: what to select (default: the Run entity)."""
+    return select(*(columns or (Run,))).where(Run.complete.is_(True))
+
+
+def hidden_runs(*columns: Any) -> Select[Any]:
+    """The runs readers never see: being written, replaced, or left behind by a writer that died."""
+    return select(*(columns or (Run,))).where(Run.complete.is_(False))

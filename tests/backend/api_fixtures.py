@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 from backend.app import create_app
 from backend.db.models import Context, Example, Feature, FeatureEdge, Run
 from backend.db.session import make_engine, session_factory, upgrade
-from trainer.settings import Settings
+from backend.settings import Settings
 
 PG_HOST, PG_PORT = "127.0.0.1", 5432
 WRITE_TOKEN = "test-token-0123456789"

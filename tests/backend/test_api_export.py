@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
 from backend import export
-from backend.api.schemas import SubtreeDocument
+from backend.api.schemas import SubtreeDocument, SubtreeNode
 from backend.app import create_app
 from backend.db.models import AnnotationEvent, Feature
 from tests.backend.api_fixtures import (  # noqa: F401
@@ -38,6 +38,28 @@ SYNTH = SynthRun()
 
 def test_schema_file_is_a_valid_json_schema():
     jsonschema.Draft202012Validator.check_schema(SCHEMA)
+
+
+def test_committed_schema_is_the_models_schema():
+    """One definition of the document: the pydantic models. The committed JSON Schema is generated from them."""
+    assert SCHEMA == export.document_schema(), "the models changed: regenerate with `python -m backend.export`"
+
+
+def test_export_is_built_from_the_models(api_db_url):
+    with session_scope(api_db_url) as session:
+        run = export.queries.get_run(session, RUN_NAME)
+        document = export.build_subtree(session, run, 0, 3, depth=1)
+    assert isinstance(document, SubtreeDocument) and isinstance(document.root.children[0], SubtreeNode)
+
+
+@pytest.mark.parametrize("level, index", [(0, 2**31), (0, 2**64), (-1, 0), (65, 0), (0, -1)])
+def test_export_refuses_addresses_no_feature_can_have(client, api_db_url, level, index):
+    """The command line's export takes the API's bounds on level and index: a clear answer, never the
+    database's overflow error."""
+    with pytest.raises(export.UnknownFeatureError, match=f"no feature {level}/{index}"):
+        export.export_subtree(RUN_NAME, level, index, db_url=api_db_url)
+    if level >= 0 and index >= 0:
+        assert_error(client.get(f"{RUN}/features/{level}/{index}/export"), 422)
 
 
 def test_export_document_matches_schema(client):

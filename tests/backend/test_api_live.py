@@ -15,9 +15,11 @@ import torch
 from fastapi.testclient import TestClient
 
 from backend.app import create_app
-from backend.live import LevelCodes, LiveService, PromptToken, file_digest
+from backend.live import LiveService
 from tests.backend.api_fixtures import SynthRun, app_settings, make_run, new_database, session_scope  # noqa: F401
 from tests.backend.test_api_browse import assert_error
+from tests.backend.test_live_service import SlowModel
+from trainer.checkpoint import read_info
 
 LIVE_RUN = "live"
 URL = f"/api/v1/runs/{LIVE_RUN}/activations"
@@ -61,7 +63,7 @@ def live_db(checkpoint, lm, new_database) -> str:
         children=CHILDREN,
         model=lm.name,
         layer=lm.layer,
-        digest=file_digest(checkpoint / "weights.safetensors"),
+        digest=read_info(checkpoint).digest,
         checkpoint_path=str(checkpoint),
     )
     with session_scope(url) as session:
@@ -80,14 +82,13 @@ def live_client(live_db):
 
 
 def direct_codes(lm, checkpoint: Path, token_ids: list[int]):
-    from trainer.checkpoint import load_checkpoint
+    from trainer import checkpoint as checkpoints
+    from trainer.outliers import encode_inliers
 
-    from trainer.outliers import checkpoint_max_norm, encode_inliers
-
-    hsae, cfg = load_checkpoint(checkpoint)
+    ckpt = checkpoints.open(checkpoint)
     ids = torch.tensor([[lm.tokenizer.bos_token_id, *token_ids]])
     with torch.inference_mode():
-        return encode_inliers(hsae, lm.residual(ids)[0, 1:].float(), checkpoint_max_norm(cfg))[0]
+        return encode_inliers(ckpt.model, lm.residual(ids)[0, 1:].float(), ckpt.max_norm)[0]
 
 
 @pytest.mark.slow
@@ -177,32 +178,7 @@ def test_live_request_errors(live_client):
     assert "/nonexistent/run" in body["detail"]
 
 
-# ---- limits, with a slow stand-in model ------------------------------------------------------------------
-class SlowModel:
-    device = "cpu"
-    parents = [None, np.arange(8) // 2]
-
-    def __init__(self, delay: float):
-        self.delay = delay
-
-    def tokenize(self, text: str) -> list[PromptToken]:
-        tokens, start = [], 0
-        for word in text.split(" "):
-            tokens.append(PromptToken(len(word), start, start + len(word)))
-            start += len(word) + 1
-        return tokens
-
-    def encode(self, prompts: list[list[int]]) -> list[list[LevelCodes]]:
-        time.sleep(self.delay)
-        out = []
-        for prompt in prompts:
-            T = len(prompt)
-            top = LevelCodes(np.tile([[0, -1]], (T, 1)), np.tile([[1.0, 0.0]], (T, 1)).astype(np.float32))
-            low = LevelCodes(np.tile([[1, 7]], (T, 1)), np.tile([[0.5, 0.25]], (T, 1)).astype(np.float32))
-            out.append([top, low])
-        return out
-
-
+# ---- limits, with a slow stand-in model (tests/backend/test_live_service.py) -----------------------------
 def slow_app(live_db: str, delay: float, **settings):
     app = create_app(app_settings(live_db, **settings))
     app.state.live = LiveService(app.state.settings, loader=lambda spec, device: SlowModel(delay))

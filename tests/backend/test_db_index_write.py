@@ -15,18 +15,16 @@ from sqlalchemy.orm import Session
 
 from backend.db.models import Context, Example, Feature, FeatureEdge, Run, visible_runs
 from backend.db.session import SchemaVersionError, make_engine
+from backend.index import writer as writer_module
+from backend.index.writer import RunExistsError, delete_run, write_run
 from trainer.index import (
     ContextRecord,
     IndexAccumulator,
     IndexConfig,
-    RunExistsError,
     RunInfo,
     decoder_cosines,
     top_output_tokens,
-    write_run,
 )
-from trainer.index import writer as writer_module
-from trainer.index.writer import delete_run
 
 WIDTHS = (4, 12)
 LENGTH = 6

@@ -23,7 +23,7 @@ from backend.db.session import (
     same_database,
     schema_revision,
 )
-from trainer.index.pipeline import _prepare_database
+from backend.index.pipeline import prepare_database
 
 TABLES = {"runs", "features", "feature_edges", "contexts", "examples", "annotation_events"}
 
@@ -164,7 +164,7 @@ def test_index_creates_the_default_database_whichever_way_it_is_spelled(tmp_path
     (tmp_path / "data").mkdir()
     (tmp_path / "link").symlink_to(tmp_path / "data")
     default = f"sqlite:///{(tmp_path / 'data' / 'hsae.db').resolve()}"
-    _prepare_database(spelling.format(tmp=tmp_path), default)
+    prepare_database(spelling.format(tmp=tmp_path), default)
     engine = make_engine(default)
     try:
         assert check_schema(engine) == head_revision()
@@ -172,7 +172,7 @@ def test_index_creates_the_default_database_whichever_way_it_is_spelled(tmp_path
         engine.dispose()
     other = f"sqlite:///{tmp_path / 'data' / 'other.db'}"
     with pytest.raises(SchemaVersionError, match=r"revision <none> \(empty database\)"):
-        _prepare_database(other, default)
+        prepare_database(other, default)
 
 
 def test_sqlite_has_foreign_keys_and_wal(tmp_path):

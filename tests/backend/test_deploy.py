@@ -15,10 +15,10 @@ import pytest
 import typer
 import yaml
 
-from trainer.cli import app
+from backend.cli import app
 
 REPO = Path(__file__).resolve().parents[2]
-HSAE = [sys.executable, "-m", "trainer.cli"]
+HSAE = [sys.executable, "-m", "backend.cli"]
 
 
 def _cli_commands() -> dict:

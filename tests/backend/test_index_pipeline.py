@@ -13,14 +13,14 @@ from sqlalchemy.orm import Session
 
 from backend.db.models import Example, Feature, FeatureEdge, Run, visible_runs
 from backend.db.session import make_engine
+from backend.index.pipeline import index_checkpoint
+from backend.index.writer import RunExistsError
 from trainer import checkpoint
 from trainer.activations import ActivationCache
 from trainer.config import ArchConfig, RunConfig, TrainConfig
 from trainer.index import pipeline
 from trainer.index.accumulate import IndexConfig
-from trainer.index.writer import RunExistsError
 from trainer.lm import load_language_model
-from trainer.outliers import checkpoint_max_norm
 from trainer.sources import DataSpec
 from trainer.workflows import run_training
 
@@ -50,12 +50,13 @@ def trained_run(corpus, tmp_path_factory):
 
 
 def _index(run_dir, db_url, corpus, name, **kw):
-    return pipeline.index_checkpoint(run_dir, db_url=db_url, default_db_url="sqlite:///unused.db", corpus=corpus,
+    return index_checkpoint(run_dir, db_url=db_url, default_db_url="sqlite:///unused.db", corpus=corpus,
                                      tokens=100_000, name=name, device="cpu", config=IndexConfig(top_k=TOP_K), **kw)
 
 
 def _brute_force(run_dir, corpus):
-    model, cfg = checkpoint.load_checkpoint(run_dir)
+    ckpt = checkpoint.open(run_dir)
+    model = ckpt.model
     lm = load_language_model(layer=6, device="cpu")
     source = ActivationCache(lm, corpus, 32).ensure(None)
     acts, meta = source.read(0, source.num_rows), source.read_meta(0, source.num_rows)
@@ -63,7 +64,7 @@ def _brute_force(run_dir, corpus):
     with torch.no_grad():
         codes = model.encode(x)
     for code in codes:  # massive activations (norm above the training threshold) get no features
-        code.indices[x.norm(dim=-1) > checkpoint_max_norm(cfg)] = -1
+        code.indices[x.norm(dim=-1) > ckpt.max_norm] = -1
     dense = []
     for level, width in enumerate(model.level_widths):
         d = np.zeros((len(acts), width), np.float32)

@@ -21,7 +21,7 @@ import pytest
 from backend.app import create_app
 from backend.db.session import make_engine, upgrade
 from tests.browser.runs import DEMO_LABELS, small_run, wide_run
-from trainer.settings import Settings
+from backend.settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO / "test-artifacts" / "browser"

@@ -11,7 +11,8 @@ import numpy as np
 from sqlalchemy import Engine, insert, update
 
 from backend.db.models import Feature, FeatureEdge, Run, utcnow
-from trainer.index import ContextStore, IndexAccumulator, IndexConfig, OutputTokens, RunInfo, write_run
+from backend.index.writer import write_run
+from trainer.index import ContextStore, IndexAccumulator, IndexConfig, OutputTokens, RunInfo
 
 # Three levels: 12 themes, 3 sub-themes each, 2 tokens each. A level-2 feature fires on its token, a level-1
 # feature on either of its two, a root on any of its theme's six: contexts, output tokens and co-firing then

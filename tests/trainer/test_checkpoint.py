@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -112,18 +116,19 @@ def test_a_save_is_atomic_and_carries_other_files(prepared, tmp_path, monkeypatc
     real_rename = os.rename
     calls = []
 
-    def dying_rename(src, dst):  # the process dies after moving the old checkpoint aside
+    def failing_rename(src, dst):  # the swap fails after moving the old checkpoint aside
         calls.append((src, dst))
         if len(calls) == 2:
             raise KeyboardInterrupt
         real_rename(src, dst)
 
-    monkeypatch.setattr(checkpoint.os, "rename", dying_rename)
+    monkeypatch.setattr(checkpoint.os, "rename", failing_rename)
     with pytest.raises(KeyboardInterrupt):
         _save(prepared, run, step=2)
     monkeypatch.setattr(checkpoint.os, "rename", real_rename)
-    assert not run.exists()  # torn in the middle of the swap ...
-    _, cfg = load_checkpoint(run)  # ... and the next reader puts the previous checkpoint back
+    # the failed save put the previous checkpoint back itself, and removed its temporary
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    _, cfg = load_checkpoint(run)
     assert cfg["training"]["step"] == 1 and (run / "notes.txt").read_text() == "mine"
 
     _save(prepared, run, step=3)
@@ -131,6 +136,92 @@ def test_a_save_is_atomic_and_carries_other_files(prepared, tmp_path, monkeypatc
     assert cfg["training"]["step"] == 3
     assert (run / "notes.txt").read_text() == "mine" and not (run / "metrics.json").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no temporaries left behind
+
+
+def _killed_mid_swap(prepared, tmp_path):
+    """What a save killed between its two renames leaves (in this container or another): the previous
+    checkpoint moved aside, no run directory, and the new checkpoint's temporary."""
+    run = _save(prepared, tmp_path / "run", step=1)
+    (run / "notes.txt").write_text("mine")
+    _save(prepared, tmp_path / ".run.tmp-4194303-0badc0de", step=2)
+    os.rename(run, tmp_path / ".run.old-4194303-0badc0de")
+    return run
+
+
+def _snapshot(folder):
+    return sorted((str(p.relative_to(folder)), p.stat().st_ino, p.stat().st_mtime_ns) for p in folder.rglob("*"))
+
+
+def test_reading_never_renames_or_deletes(prepared, tmp_path):
+    """A reader of a checkpoint whose save was killed mid-swap reads the previous checkpoint where it lies,
+    and leaves every file and folder as it found them: the temporaries may belong to a save still under way
+    in another container, where a process id says nothing."""
+    run = _killed_mid_swap(prepared, tmp_path)
+    before = _snapshot(tmp_path)
+    assert checkpoint.is_checkpoint(run)
+    info = checkpoint.read_info(run)
+    assert info.step == 1 and info.run_dir == run and info.metrics is None
+    ckpt = checkpoint.open(run)
+    assert ckpt.step == 1 and len(ckpt.digest) == 64
+    assert load_checkpoint(run)[1]["training"]["step"] == 1
+    assert _snapshot(tmp_path) == before
+
+
+def test_a_save_recovers_only_what_nobody_touched_for_a_while(prepared, tmp_path, monkeypatch):
+    run = _killed_mid_swap(prepared, tmp_path)
+    # fresh leftovers may be another process's save under way: a save goes ahead beside them
+    _save(prepared, run, step=3)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == [".run.old-4194303-0badc0de", ".run.tmp-4194303-0badc0de", "run"]
+    assert checkpoint.read_info(run).step == 3
+
+    shutil.rmtree(run)
+    monkeypatch.setattr(checkpoint, "STALE_AFTER_S", -1.0)  # now they count as abandoned
+    assert checkpoint.read_info(run).step == 1  # still read in place ...
+    _save(prepared, run, step=4)  # ... and put back (carrying the notes over) by the next save
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    assert checkpoint.read_info(run).step == 4 and (run / "notes.txt").read_text() == "mine"
+
+
+def test_open_gives_a_typed_handle(prepared, tmp_path):
+    """One reader for every consumer: the model, what it was trained on, its massive-activation threshold
+    and its weights digest."""
+    data = {"corpus": {"spec": "demo", "fingerprint": "f"}, "context_len": 32, "tokens": 500}
+    run = save_checkpoint(tmp_path / "run", prepared, model_info=MODEL_INFO, data_info=data,
+                          training={"step": 7, "max_norm": 12.5, "max_norm_multiple": 10.0, "finished": True,
+                                    "batch_size": 64, "seed": 3})
+    ckpt = checkpoint.open(run)
+    assert ckpt.model.level_widths == prepared.level_widths and not ckpt.model.training
+    assert ckpt.arch == prepared.arch and ckpt.d_in == D_IN and ckpt.level_widths == prepared.level_widths
+    assert ckpt.model_info == checkpoint.ModelInfo(MODEL_INFO["name"], MODEL_INFO["layer"], MODEL_INFO["hook"])
+    assert (ckpt.data_info.corpus_spec, ckpt.data_info.context_len, ckpt.data_info.tokens) == ("demo", 32, 500)
+    assert ckpt.data_info.activations is None
+    assert (ckpt.step, ckpt.finished, ckpt.batch_size, ckpt.seed) == (7, True, 64, 3)
+    assert ckpt.max_norm == 12.5 and ckpt.max_norm_multiple == 10.0
+    assert ckpt.digest == hashlib.sha256((run / "weights.safetensors").read_bytes()).hexdigest()
+    assert ckpt.metrics is None
+    checkpoint.write_metrics(run, {"explained_variance": 0.5})
+    assert checkpoint.read_info(run).metrics == {"explained_variance": 0.5}
+
+    plain = save_checkpoint(tmp_path / "plain", prepared, model_info={}, training={"step": 1, "max_norm": None})
+    info = checkpoint.read_info(plain)
+    assert info.max_norm == math.inf and info.model_info == checkpoint.ModelInfo()
+    assert info.data_info == checkpoint.DataInfo()
+
+
+def test_only_the_checkpoint_module_reads_checkpoint_files():
+    """Nothing but trainer/checkpoint.py knows cfg.json's keys or hashes the weights file: every other
+    module goes through checkpoint.open / read_info."""
+    repo = Path(__file__).resolve().parents[2]
+    forbidden = ('"cfg.json"', '"weights.safetensors"', "CFG_FILE", "WEIGHTS_FILE", "load_checkpoint(",
+                 "read_cfg(", "checkpoint_max_norm")
+    offenders = []
+    for path in sorted([*(repo / "trainer").rglob("*.py"), *(repo / "backend").rglob("*.py")]):
+        if path == repo / "trainer" / "checkpoint.py":
+            continue
+        text = path.read_text()
+        offenders += [f"{path.relative_to(repo)}: {word}" for word in forbidden if word in text]
+    assert offenders == []
 
 
 def test_metrics_and_hierarchy_stats_are_written_into_a_checkpoint(prepared, tmp_path):

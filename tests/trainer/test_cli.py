@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-HSAE = [sys.executable, "-m", "trainer.cli"]
+HSAE = [sys.executable, "-m", "backend.cli"]
 
 
 def hsae(*args, env_extra=None, timeout=600):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
@@ -11,7 +9,7 @@ from tests.trainer.helpers import D_IN, tiny_arch_config
 from trainer.evaluate import ce_loss_recovered, evaluate, format_metrics, sae_replacement
 from trainer.hierarchy import CoactivationCounts, HierarchyStats, posthoc_tree
 from trainer.models import LevelCode, build_model
-from trainer.outliers import checkpoint_max_norm, encode_inliers
+from trainer.outliers import encode_inliers
 
 
 def code(rows: list[list[int]]) -> LevelCode:
@@ -166,5 +164,3 @@ def test_encode_inliers_leaves_massive_activations_without_features(rows):
     for code, plain in zip(codes, model.encode(x)):
         assert (code.indices[massive] == -1).all() and (code.values[massive] == 0).all()
         assert torch.equal(code.indices[~massive], plain.indices[~massive])
-    assert checkpoint_max_norm({"training": {"max_norm": 12.5}}) == 12.5
-    assert checkpoint_max_norm({"training": {"max_norm": None}}) == math.inf == checkpoint_max_norm({})

@@ -1,10 +1,11 @@
 """Indexing a checkpoint: streaming per-feature statistics (accumulate), decoder-direction statistics
-(directions), the contexts examples show (contexts), and the atomic database write (writer)."""
+(directions), the contexts examples show (contexts), and the whole pass over a corpus (pipeline), which ends at
+plain data. Writing it to a database is the backend's (backend/index)."""
 
 from trainer.index.accumulate import IndexAccumulator, IndexConfig, IndexResult
 from trainer.index.contexts import ContextProvider, ContextRecord, ContextStore
 from trainer.index.directions import OutputTokens, decoder_cosines, top_output_tokens
-from trainer.index.writer import RunExistsError, RunInfo, write_run
+from trainer.index.run import RunInfo
 
 __all__ = [
     "ContextProvider",
@@ -14,9 +15,7 @@ __all__ = [
     "IndexConfig",
     "IndexResult",
     "OutputTokens",
-    "RunExistsError",
     "RunInfo",
     "decoder_cosines",
     "top_output_tokens",
-    "write_run",
 ]

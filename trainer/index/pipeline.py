@@ -1,5 +1,7 @@
-"""`hsae index`: stream a corpus through the language model and a checkpoint, accumulate per-feature statistics
-in bounded memory, and publish the run to the database in one atomic step.
+"""Indexing a checkpoint: stream a corpus through the language model and the HSAE, and accumulate per-feature
+statistics in bounded memory. It ends at plain data (`IndexedRun`: the accumulated result, what the run row
+says, the contexts examples show, each feature's output tokens); publishing that to a database is the
+backend's business (backend/index), so the trainer never touches one.
 
 Activations come from the shard cache when it already holds them (same model, layer, corpus, context length),
 so indexing right after training on the same corpus runs no language model forward at all.
@@ -7,58 +9,43 @@ so indexing right after training on the same corpus runs no language model forwa
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from backend.db.session import db_upgrade, open_database, same_database
-from trainer import checkpoint
 from trainer.activations import DEFAULT_CONTEXT_LEN, PAD, ActivationCache
+from trainer.checkpoint import Checkpoint
 from trainer.errors import HSAEError
-from trainer.index.accumulate import IndexAccumulator, IndexConfig
+from trainer.index.accumulate import IndexAccumulator, IndexConfig, IndexResult
 from trainer.index.contexts import ContextStore
-from trainer.index.directions import decoder_cosines, top_output_tokens
-from trainer.index.writer import RunInfo, write_run
-from trainer.lm import LanguageModel, load_language_model, resolve_device
-from trainer.outliers import checkpoint_max_norm, encode_inliers
+from trainer.index.directions import OutputTokens, decoder_cosines, top_output_tokens
+from trainer.index.run import RunInfo
+from trainer.lm import LanguageModel, load_language_model
+from trainer.outliers import encode_inliers
 
 ENCODE_ROWS = 4096
 RETAIN_EVERY = 8  # chunks between prunes of the context store
 
 
 @dataclass
-class IndexSummary:
-    run_id: int
-    name: str
-    tokens: int
-    contexts: int
+class IndexedRun:
+    """Everything an index of a checkpoint produced, ready to be written."""
 
-
-def checkpoint_digest(run_dir: Path) -> str:
-    h = hashlib.sha256()
-    with (run_dir / checkpoint.WEIGHTS_FILE).open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    result: IndexResult
+    info: RunInfo
+    contexts: ContextStore
+    output_tokens: list[OutputTokens | None]  # per level, each feature's top output tokens
+    edge_cosines: np.ndarray  # decoder cosine per edge, aligned with result.edges()
+    tokens: int  # tokens indexed
+    n_contexts: int
 
 
 def token_display_table(tokenizer) -> list[str]:
     """Each vocabulary id as the text it stands for (" the", not "Ġthe"), built once per index run: decoding
     ids one by one for every stored context would cost millions of calls."""
     return [tokenizer.decode([i]) for i in range(len(tokenizer))]
-
-
-def _prepare_database(url: str, default_url: str) -> None:
-    """The embedded default database is created on first use, whichever way its URL is spelled; any other
-    must already be at our schema."""
-    if same_database(url, default_url):
-        db_upgrade(url)
-    open_database(url).dispose()
 
 
 def _unembedding(lm: LanguageModel) -> torch.Tensor:
@@ -71,36 +58,36 @@ def _unembedding(lm: LanguageModel) -> torch.Tensor:
     return unembed_VD
 
 
-def index_checkpoint(
-    run_dir: Path,
+def check_run_name(name: str) -> str:
+    if not name.strip() or len(name) > 200:
+        raise HSAEError(f"run name must be 1 to 200 characters, got {name!r}")
+    return name
+
+
+def index_run(
+    ckpt: Checkpoint,
     *,
-    db_url: str,
-    default_db_url: str,
     corpus: str | None = None,
     tokens: int = 100_000,
     name: str | None = None,
-    replace: bool = False,
     device: str = "auto",
     config: IndexConfig | None = None,
-) -> IndexSummary:
-    run_dir = Path(run_dir).resolve()
-    model, cfg = checkpoint.load_checkpoint(run_dir, device=resolve_device(device))
-    _prepare_database(db_url, default_db_url)
-    model_info = cfg.get("model") or {}
-    if not model_info.get("name"):
+) -> IndexedRun:
+    """Index an opened checkpoint (`checkpoint.open(run_dir)`) on `tokens` tokens of `corpus` (default: the
+    corpus it was trained on), rounded up to whole contexts."""
+    model, model_info = ckpt.model, ckpt.model_info
+    run_dir = ckpt.run_dir.resolve()
+    if not model_info.name:
         raise HSAEError(f"{run_dir} was trained without a language model; indexing needs one to show contexts")
     if tokens < 1:
         raise HSAEError(f"--tokens must be positive, got {tokens}")
-    name = name or run_dir.name
-    if not name.strip() or len(name) > 200:
-        raise HSAEError(f"run name must be 1 to 200 characters, got {name!r}")
+    name = check_run_name(name or run_dir.name)
 
-    trained_on = cfg.get("data") or {}
-    corpus = corpus or (trained_on.get("corpus") or {}).get("spec") or "demo"
-    context_len = int(trained_on.get("context_len", DEFAULT_CONTEXT_LEN))
-    lm = load_language_model(model_info["name"], int(model_info["layer"]), device)
+    corpus = corpus or ckpt.data_info.corpus_spec or "demo"
+    context_len = ckpt.data_info.context_len or DEFAULT_CONTEXT_LEN
+    lm = load_language_model(model_info.name, model_info.layer, device)
     if lm.d_model != model.d_in:
-        raise HSAEError(f"{model_info['name']} has width {lm.d_model}, the checkpoint expects {model.d_in}")
+        raise HSAEError(f"{model_info.name} has width {lm.d_model}, the checkpoint expects {model.d_in}")
     cache = ActivationCache(lm, corpus, context_len)
     source = cache.ensure(tokens)
     contexts = cache.contexts(tokens)  # what ensure() just used; None would tokenize the whole corpus
@@ -114,7 +101,7 @@ def index_checkpoint(
     # whole contexts. The token budget is rounded up to the end of the context it falls in.
     end_ctx = int(source.read_meta(source.num_rows - 1, source.num_rows)[0, 0])
     n_rows, n_contexts, n_outliers = 0, 0, 0
-    max_norm = checkpoint_max_norm(cfg)  # massive activations get no features, as in training
+    max_norm = ckpt.max_norm  # massive activations get no features, as in training
     with tqdm(total=source.num_rows, desc="indexing", unit="tok", unit_scale=True) as bar:
         for chunk_no, (acts, meta) in enumerate(zip(source.acts, source.rows, strict=True)):
             keep = np.asarray(meta[:, 0]) <= end_ctx
@@ -140,30 +127,20 @@ def index_checkpoint(
     output_tokens = [top_output_tokens(d, unembed_VD, lambda i: display[int(i)]) for d in decoders]
     edges = result.edges()
     cosines = decoder_cosines(decoders, edges.parent_level, edges.parent_idx, edges.child_level, edges.child_idx)
-    metrics_path = run_dir / checkpoint.METRICS_FILE
     info = RunInfo(
         name=name,
-        model_name=model_info["name"],
-        layer=int(model_info["layer"]),
-        hook=model_info.get("hook") or lm.hook_name,
-        arch=cfg["arch"],
-        checkpoint_digest=checkpoint_digest(run_dir),
-        config=cfg,
+        model_name=model_info.name,
+        layer=model_info.layer,
+        hook=model_info.hook or lm.hook_name,
+        arch=ckpt.arch,
+        checkpoint_digest=ckpt.digest,
+        config=dict(ckpt.cfg),
         corpus={**cache.info["corpus"], "context_len": context_len, "tokens": n_rows, "contexts": n_contexts,
                 "outlier_tokens": n_outliers},
-        metrics=_read_json(metrics_path),
+        metrics=ckpt.metrics,
         checkpoint_path=str(run_dir),
     )
-    with tqdm(desc="writing", unit=" rows", unit_scale=True) as bar:
-        def progress(stage: str, done: int, total: int) -> None:
-            bar.set_description(f"writing {stage}")
-            bar.total = total
-            bar.n = done
-            bar.refresh()
-
-        run_id = write_run(db_url, result, info, store, output_tokens=output_tokens, edge_cosines=cosines,
-                           replace=replace, progress=progress)
-    return IndexSummary(run_id=run_id, name=name, tokens=n_rows, contexts=n_contexts)
+    return IndexedRun(result, info, store, output_tokens, cosines, tokens=n_rows, n_contexts=n_contexts)
 
 
 @torch.no_grad()
@@ -181,7 +158,3 @@ def _encode(
             per_level[level][0].append(code.indices.cpu().numpy())
             per_level[level][1].append(code.values.float().cpu().numpy())
     return [(np.concatenate(i), np.concatenate(v)) for i, v in per_level], outliers
-
-
-def _read_json(path: Path):
-    return json.loads(path.read_text()) if path.is_file() else None

@@ -7,7 +7,7 @@ from backend import queries
 from backend.api import views
 from backend.api.deps import DbDep, IndexPath, LevelPath, PagingDep, RunName, find_run, not_found
 from backend.api.schemas import (
-    MAX_LEVEL,
+    LEVEL_BOUNDS,
     MAX_QUERY_CHARS,
     ChildrenPage,
     ExampleKind,
@@ -37,7 +37,7 @@ def forest(
     db: DbDep,
     run_name: RunName,
     page: PagingDep,
-    level: Annotated[int, Query(ge=0, le=MAX_LEVEL, description="0: the roots")] = 0,
+    level: Annotated[int, Query(**LEVEL_BOUNDS, description="0: the roots")] = 0,
     sort: Sort = SortKey.index,
     q: Filter = None,
 ):

@@ -5,7 +5,7 @@ from fastapi import APIRouter, Query
 from backend import queries
 from backend.api import views
 from backend.api.deps import DbDep, PagingDep, RunName, find_run
-from backend.api.schemas import MAX_LEVEL, MAX_QUERY_CHARS, SearchPage, Text
+from backend.api.schemas import LEVEL_BOUNDS, MAX_QUERY_CHARS, SearchPage, Text
 
 router = APIRouter(tags=["search"])
 
@@ -20,7 +20,7 @@ def search(
     run_name: RunName,
     page: PagingDep,
     q: Term,
-    level: Annotated[int | None, Query(ge=0, le=MAX_LEVEL, description="only this level")] = None,
+    level: Annotated[int | None, Query(**LEVEL_BOUNDS, description="only this level")] = None,
 ):
     """Features whose label, note or top output tokens contain q (case-insensitive)."""
     with db() as session:

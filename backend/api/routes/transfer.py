@@ -15,11 +15,11 @@ from backend.api.deps import (
     find_run,
     not_found,
 )
-from backend.api.schemas import MAX_LEVEL, ImportResult, SubtreeDocument
+from backend.api.schemas import LEVEL_BOUNDS, ImportResult, SubtreeDocument
 
 router = APIRouter(tags=["export"])
 
-Depth = Annotated[int | None, Query(ge=0, le=MAX_LEVEL, description="levels below the feature; none: all")]
+Depth = Annotated[int | None, Query(**LEVEL_BOUNDS, description="levels below the feature; none: all")]
 
 
 @router.get(

@@ -12,19 +12,29 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from sqlalchemy import JSON, URL, Connection, Engine, Table, delete, insert, select, update
 from sqlalchemy.orm import aliased
 
-from backend.db.models import EXAMPLE_KINDS, Context, Example, Feature, FeatureEdge, Run, utcnow
+from backend.db.models import (
+    EXAMPLE_KINDS,
+    Context,
+    Example,
+    Feature,
+    FeatureEdge,
+    Run,
+    hidden_runs,
+    utcnow,
+    visible_runs,
+)
 from backend.db.session import check_schema, compact_json, make_engine
 from trainer.errors import HSAEError
 from trainer.index.accumulate import KIND_QUANTILE, KIND_TOP, IndexResult, LevelIndex
 from trainer.index.contexts import ContextProvider
 from trainer.index.directions import OutputTokens
+from trainer.index.run import RunInfo
 
 log = logging.getLogger(__name__)
 
@@ -34,22 +44,6 @@ Progress = Callable[[str, int, int], None]  # (stage, rows done, rows in stage)
 
 class RunExistsError(HSAEError):
     """A complete run already holds the name and replacing it was not asked for."""
-
-
-@dataclass(frozen=True)
-class RunInfo:
-    """What the run row says about where the features came from."""
-
-    name: str
-    model_name: str
-    layer: int
-    hook: str
-    arch: str
-    checkpoint_digest: str
-    config: dict[str, Any]
-    corpus: dict[str, Any]
-    metrics: dict[str, Any] | None = None
-    checkpoint_path: str | None = None  # absolute; lets the server load the checkpoint for live prompts
 
 
 def round_significant(x: np.ndarray, digits: int) -> np.ndarray:
@@ -87,11 +81,12 @@ def delete_run(engine: Engine, run_id: int, features_per_batch: int = 5000) -> N
     SQLite are never locked out for long, and the run row last, so that an interrupted delete stays an
     orphan that the next index of the name finishes."""
     with engine.connect() as conn:
-        run = conn.execute(select(Run.complete, Run.level_widths).where(Run.id == run_id)).first()
+        run = conn.execute(hidden_runs(Run.level_widths).where(Run.id == run_id)).first()
+        visible = run is None and conn.execute(visible_runs(Run.id).where(Run.id == run_id)).first() is not None
+    if visible:
+        raise ValueError(f"run {run_id} is visible; hide it (complete=False) before deleting it")
     if run is None:
         return
-    if run.complete:
-        raise ValueError(f"run {run_id} is visible; hide it (complete=False) before deleting it")
     for level, width in enumerate(run.level_widths):
         for start in range(0, width, features_per_batch):
             stop = start + features_per_batch
@@ -161,14 +156,14 @@ def write_run(
 def _prepare_name(engine: Engine, name: str, replace: bool) -> None:
     """Refuse a taken name unless replacing; delete orphans that crashed writes of this name left behind."""
     with engine.begin() as conn:
-        taken = select(Run.created_at).where(Run.name == name, Run.complete.is_(True))
+        taken = visible_runs(Run.created_at).where(Run.name == name)
         existing = conn.execute(taken).first()
         if existing is not None and not replace:
             raise RunExistsError(
                 f"run {name!r} already exists (indexed {existing.created_at:%Y-%m-%d %H:%M}); "
                 "choose another --name, or pass --replace to re-index it"
             )
-        orphans = conn.scalars(select(Run.id).where(Run.name == name, Run.complete.is_(False))).all()
+        orphans = conn.scalars(hidden_runs(Run.id).where(Run.name == name)).all()
     for orphan in orphans:
         log.info("deleting run %d, an unfinished earlier index of %r", orphan, name)
         delete_run(engine, orphan)
@@ -203,9 +198,7 @@ def _publish(engine: Engine, run_id: int, info: RunInfo, replace: bool) -> int |
     """Make the run visible, hiding the one it replaces in the same transaction; return the replaced id."""
     with engine.begin() as conn:
         old = conn.execute(
-            select(Run.id, Run.checkpoint_digest)
-            .where(Run.name == info.name, Run.complete.is_(True))
-            .with_for_update()
+            visible_runs(Run.id, Run.checkpoint_digest).where(Run.name == info.name).with_for_update()
         ).first()
         if old is not None and not replace:
             raise RunExistsError(f"run {info.name!r} was created by another process while this one indexed")
@@ -237,8 +230,8 @@ def _discard(engine: Engine, run_id: int) -> None:
     """Best-effort removal of a run that never became complete; a failure leaves an invisible orphan."""
     try:
         with engine.connect() as conn:
-            complete = conn.scalar(select(Run.complete).where(Run.id == run_id))
-        if complete is False:
+            hidden = conn.scalar(hidden_runs(Run.id).where(Run.id == run_id)) is not None
+        if hidden:
             delete_run(engine, run_id)
     except Exception:
         log.warning("could not delete unfinished run %d; the next index of its name will", run_id,

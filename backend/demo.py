@@ -4,18 +4,17 @@ second run serves within seconds."""
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from backend.settings import get_settings
 from trainer import checkpoint
 from trainer.config import ArchConfig, RunConfig, TrainConfig
 from trainer.corpus import demo_corpus_path
 from trainer.lm import converted_default_model
-from trainer.settings import get_settings
 from trainer.sources import DataSpec
 
 RUN_NAME = "demo-moe"
@@ -55,9 +54,8 @@ def _run_matches(run_dir: Path, size: DemoSize) -> bool:
     """A finished demo checkpoint of the wanted size (a killed one is resumed instead of restarted)."""
     if not checkpoint.is_checkpoint(run_dir):
         return False
-    cfg = checkpoint.read_cfg(run_dir)
-    training = cfg.get("training", {})
-    return training.get("finished", False) and cfg["arch_config"].get("width") == size.width
+    info = checkpoint.read_info(run_dir)
+    return info.finished and info.level_widths[0] == size.width  # moe: the top level holds `width` parents
 
 
 def _indexed(db_url: str, digest: str) -> bool:
@@ -69,7 +67,7 @@ def _indexed(db_url: str, digest: str) -> bool:
     try:
         with engine.connect() as conn:
             found = conn.execute(
-                visible_runs().with_only_columns(Run.checkpoint_digest).where(Run.name == RUN_NAME)
+                visible_runs(Run.checkpoint_digest).where(Run.name == RUN_NAME)
             ).scalar()
         return found == digest
     finally:
@@ -77,8 +75,8 @@ def _indexed(db_url: str, digest: str) -> bool:
 
 
 def run_demo(host: str = "127.0.0.1", port: int = 8000, serve: bool = True, size: DemoSize | None = None) -> Path:
+    from backend.index.pipeline import index_checkpoint
     from backend.server import serve as serve_app
-    from trainer.index.pipeline import checkpoint_digest, index_checkpoint
     from trainer.workflows import run_eval, run_training
 
     settings = get_settings()
@@ -108,17 +106,16 @@ def run_demo(host: str = "127.0.0.1", port: int = 8000, serve: bool = True, size
     timings["train"] = time.perf_counter() - t
 
     t = _step("evaluate on held-out tokens")
-    metrics_file = run_dir / checkpoint.METRICS_FILE
-    if metrics_file.is_file() and metrics_file.stat().st_mtime >= (run_dir / checkpoint.WEIGHTS_FILE).stat().st_mtime:
-        metrics = json.loads(metrics_file.read_text())
-        print(f"   reusing {metrics_file}: explained variance {metrics['explained_variance']:.3f}")
+    metrics = checkpoint.read_metrics(run_dir)  # a save drops metrics.json: any found is of these weights
+    if metrics is not None:
+        print(f"   reusing {run_dir / checkpoint.METRICS_FILE}: explained variance {metrics['explained_variance']:.3f}")
     else:
         _, table = run_eval(run_dir, None, None, size.eval_tokens, "auto", None)
         print(table)
     timings["eval"] = time.perf_counter() - t
 
     t = _step(f"index {size.index_tokens:,} tokens into {db_url}")
-    digest = checkpoint_digest(run_dir)
+    digest = checkpoint.read_info(run_dir).digest
     if _indexed(db_url, digest):
         print(f"   run {RUN_NAME!r} is already indexed")
     else:

@@ -1,0 +1,60 @@
+"""`hsae index`: open the checkpoint, make sure the database can take the run, index the checkpoint
+(trainer.index.pipeline, which knows nothing of databases), and publish the run in one atomic step."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from backend.db.session import db_upgrade, open_database, same_database
+from backend.index.writer import write_run
+from trainer import checkpoint
+from trainer.index.accumulate import IndexConfig
+from trainer.index.pipeline import index_run
+from trainer.lm import resolve_device
+
+
+@dataclass
+class IndexSummary:
+    run_id: int
+    name: str
+    tokens: int
+    contexts: int
+
+
+def prepare_database(url: str, default_url: str) -> None:
+    """The embedded default database is created on first use, whichever way its URL is spelled; any other
+    must already be at our schema."""
+    if same_database(url, default_url):
+        db_upgrade(url)
+    open_database(url).dispose()
+
+
+def index_checkpoint(
+    run_dir: Path,
+    *,
+    db_url: str,
+    default_db_url: str,
+    corpus: str | None = None,
+    tokens: int = 100_000,
+    name: str | None = None,
+    replace: bool = False,
+    device: str = "auto",
+    config: IndexConfig | None = None,
+) -> IndexSummary:
+    ckpt = checkpoint.open(Path(run_dir).resolve(), device=resolve_device(device))
+    prepare_database(db_url, default_db_url)  # before the long part: a database that cannot take it stops here
+    indexed = index_run(ckpt, corpus=corpus, tokens=tokens, name=name, device=device, config=config)
+    with tqdm(desc="writing", unit=" rows", unit_scale=True) as bar:
+        def progress(stage: str, done: int, total: int) -> None:
+            bar.set_description(f"writing {stage}")
+            bar.total = total
+            bar.n = done
+            bar.refresh()
+
+        run_id = write_run(db_url, indexed.result, indexed.info, indexed.contexts,
+                           output_tokens=indexed.output_tokens, edge_cosines=indexed.edge_cosines,
+                           replace=replace, progress=progress)
+    return IndexSummary(run_id=run_id, name=indexed.info.name, tokens=indexed.tokens, contexts=indexed.n_contexts)
