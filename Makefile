@@ -33,9 +33,11 @@ demo: setup
 	$(VENV)/bin/hsae demo
 
 test: setup postgres browser
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: setup
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 bench: setup
