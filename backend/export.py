@@ -43,8 +43,8 @@ from backend.api.schemas import (
     is_feature_address,
 )
 from backend.db.session import open_database, session_factory
-from trainer.errors import HSAEError
 from backend.settings import get_settings
+from trainer.errors import HSAEError
 
 FORMAT = "hsae-subtree"
 VERSION = 1

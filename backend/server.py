@@ -7,8 +7,8 @@ import os
 
 from backend.app import create_app
 from backend.db.session import describe_url, open_database
-from trainer.errors import HSAEError
 from backend.settings import get_settings
+from trainer.errors import HSAEError
 
 LOCAL_HOST = "127.0.0.1"
 DEFAULT_HOST = "127.0.0.1"

@@ -26,8 +26,8 @@ POSTGRES_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 
 
 def child(args: argparse.Namespace) -> None:
-    from trainer.activations import ActivationCache
     from backend.index.pipeline import index_checkpoint
+    from trainer.activations import ActivationCache
     from trainer.lm import load_language_model
 
     out: dict = {"tokens": args.tokens}

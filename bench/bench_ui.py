@@ -21,10 +21,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the test helpers
 
 from backend.app import create_app  # noqa: E402
 from backend.db.session import make_engine, upgrade  # noqa: E402
+from backend.settings import Settings  # noqa: E402
 from tests.browser.conftest import CHROMIUM, CHROMIUM_ARGS, Server  # noqa: E402
 from tests.browser.runs import wide_run  # noqa: E402
 from tests.browser.timings import measure_forest  # noqa: E402
-from backend.settings import Settings  # noqa: E402
 
 
 def api_ms(client: httpx.Client, path: str, repeats: int = 5) -> float:

@@ -16,7 +16,7 @@ import torch
 
 from trainer import checkpoint
 from trainer.activations import PAD
-from trainer.config import ArchConfig, ConfigError, RunConfig, TrainConfig, read_config_file
+from trainer.config import ArchConfig, ConfigError, RunConfig, read_config_file
 from trainer.errors import HSAEError
 from trainer.evaluate import ce_loss_recovered, evaluate, format_metrics
 from trainer.lm import LanguageModel, resolve_device

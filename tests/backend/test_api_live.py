@@ -5,7 +5,6 @@ checked against encoding the same tokens directly; and, with a slow stand-in mod
 from __future__ import annotations
 
 import asyncio
-import time
 from pathlib import Path
 
 import httpx

@@ -9,7 +9,15 @@ import time
 import numpy as np
 import pytest
 
-from backend.live import LevelCodes, LiveBusy, LiveRunSpec, LiveService, LiveTimeout, PromptToken, PromptTooLong
+from backend.live import (
+    LevelCodes,
+    LiveBusy,
+    LiveRunSpec,
+    LiveService,
+    LiveTimeout,
+    PromptToken,
+    PromptTooLong,
+)
 from backend.settings import Settings
 
 

@@ -18,10 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+
 from backend.app import create_app
 from backend.db.session import make_engine, upgrade
-from tests.browser.runs import DEMO_LABELS, small_run, wide_run
 from backend.settings import Settings
+from tests.browser.runs import DEMO_LABELS, small_run, wide_run
 
 REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO / "test-artifacts" / "browser"

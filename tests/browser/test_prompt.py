@@ -10,8 +10,8 @@ import pytest
 from playwright.sync_api import expect
 
 from backend.app import create_app
-from tests.browser.conftest import LABELLED_RUN, Server, screenshot
 from backend.settings import Settings
+from tests.browser.conftest import LABELLED_RUN, Server, screenshot
 
 pytestmark = pytest.mark.browser
 
@@ -24,8 +24,8 @@ WIDTH, CHILDREN, K = 32, 4, 4
 def real_server(lm, database_url, tmp_path_factory):
     """A server whose live endpoint loads the real model and a real checkpoint (trained a few steps here and
     indexed into the browser tests' database by `hsae index`'s own code)."""
-    from trainer.config import ArchConfig, RunConfig, TrainConfig
     from backend.index.pipeline import index_checkpoint
+    from trainer.config import ArchConfig, RunConfig, TrainConfig
     from trainer.index.accumulate import IndexConfig
     from trainer.sources import DataSpec
     from trainer.workflows import run_training

@@ -8,8 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 from trainer.index import ContextStore, IndexAccumulator, IndexConfig, decoder_cosines, top_output_tokens
 from trainer.index.accumulate import KIND_QUANTILE, KIND_TOP, sample_priority
@@ -101,7 +100,7 @@ def brute_force(corpus: Corpus, cfg: IndexConfig) -> dict:
             for rank, c in enumerate(top):
                 stats["examples"].append((f, KIND_TOP, 0, rank, c, cmax[c], cpos[c]))
 
-            def prio(c: int) -> int:
+            def prio(c: int, level: int = level, f: int = f) -> int:
                 return int(sample_priority(level, np.array([f]), np.array([c]), cfg.seed)[0])
 
             by_bin = defaultdict(list)
