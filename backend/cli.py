@@ -1,7 +1,7 @@
-"""`hsae`: the command line (docs/contracts.md#contract-1-command-line). It composes the trainer's commands (train, eval,
-encode: trainer/cli.py) with those that need the database or the server (index, serve, export, import, demo,
-db). It lives in the backend because dependencies run one way: the backend uses the trainer, never the
-reverse. Commands stay thin: they parse, then call the library."""
+"""`hsae`: the command line (docs/contracts.md#contract-1-command-line). It composes the trainer's commands
+(train, eval, encode: trainer/cli.py) with those that need the database or the server (index, serve, export,
+import, demo, db). It lives in the backend because dependencies run one way: the backend uses the trainer,
+never the reverse. Commands stay thin: they parse, then call the library."""
 
 from __future__ import annotations
 
@@ -23,7 +23,10 @@ db_app = typer.Typer(help="Database schema (owned by Alembic migrations).", no_a
 app.add_typer(db_app, name="db")
 app.registered_commands.extend(trainer_cli.app.registered_commands)
 
-DbUrl = Annotated[str | None, typer.Option("--db", help="SQLAlchemy URL [default: $HSAE_DATABASE_URL or SQLite under the data dir].")]
+DbUrl = Annotated[
+    str | None,
+    typer.Option("--db", help="SQLAlchemy URL [default: $HSAE_DATABASE_URL or SQLite under the data dir]."),
+]
 
 
 def _db_url(db: str | None) -> str:
@@ -36,9 +39,13 @@ def _db_url(db: str | None) -> str:
 def index_cmd(
     run_dir: Annotated[Path, typer.Argument(help="A checkpoint directory.")],
     corpus: Corpus = None,
-    tokens: Annotated[int, typer.Option(help="Tokens of the corpus to index (rounded up to whole contexts).")] = 100_000,
+    tokens: Annotated[
+        int, typer.Option(help="Tokens of the corpus to index (rounded up to whole contexts).")
+    ] = 100_000,
     db: DbUrl = None,
-    name: Annotated[str | None, typer.Option(help="Run name in the database [default: the run directory's name].")] = None,
+    name: Annotated[
+        str | None, typer.Option(help="Run name in the database [default: the run directory's name].")
+    ] = None,
     replace: Annotated[bool, typer.Option(help="Swap out an existing run of that name atomically.")] = False,
     device: Device = "auto",
 ) -> None:
@@ -46,8 +53,10 @@ def index_cmd(
     from backend.index.pipeline import index_checkpoint
     from backend.settings import get_settings
 
-    summary = index_checkpoint(run_dir, db_url=_db_url(db), default_db_url=get_settings().resolved_database_url,
-                               corpus=corpus, tokens=tokens, name=name, replace=replace, device=device)
+    summary = index_checkpoint(
+        run_dir, db_url=_db_url(db), default_db_url=get_settings().resolved_database_url,
+        corpus=corpus, tokens=tokens, name=name, replace=replace, device=device,
+    )
     print(f"indexed run {summary.name!r}: {summary.tokens:,} tokens in {summary.contexts:,} contexts")
 
 
@@ -56,7 +65,9 @@ def serve_cmd(
     db: DbUrl = None,
     host: Annotated[str | None, typer.Option(help="Interface to listen on [default: 127.0.0.1].")] = None,
     port: Annotated[int, typer.Option(help="Port.")] = 8000,
-    local: Annotated[bool, typer.Option(help="Listen on 127.0.0.1 only; annotation writes need no token.")] = False,
+    local: Annotated[
+        bool, typer.Option(help="Listen on 127.0.0.1 only; annotation writes need no token.")
+    ] = False,
 ) -> None:
     """Serve the API and the browser UI."""
     from backend.server import serve
@@ -69,7 +80,9 @@ def export_cmd(
     run: Annotated[str, typer.Argument(help="Run name.")],
     level: Annotated[int, typer.Argument(help="Level of the subtree's root (0 = top).")],
     index: Annotated[int, typer.Argument(help="Index of the root feature in its level.")],
-    depth: Annotated[int | None, typer.Option(help="Levels of descendants to include [default: all].")] = None,
+    depth: Annotated[
+        int | None, typer.Option(help="Levels of descendants to include [default: all].")
+    ] = None,
     examples: Annotated[bool, typer.Option(help="Include top-activating contexts.")] = True,
     out: Annotated[Path | None, typer.Option(help="Output file [default: standard output].")] = None,
     db: DbUrl = None,
@@ -91,7 +104,9 @@ def export_cmd(
 def import_cmd(
     file: Annotated[Path, typer.Argument(help="An hsae-subtree JSON document.")],
     db: DbUrl = None,
-    run: Annotated[str | None, typer.Option(help="Apply to this run name [default: the matching run].")] = None,
+    run: Annotated[
+        str | None, typer.Option(help="Apply to this run name [default: the matching run].")
+    ] = None,
 ) -> None:
     """Apply a document's annotations to its run (same model, layer, architecture and checkpoint)."""
     from backend.export import import_document

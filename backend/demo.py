@@ -74,7 +74,9 @@ def _indexed(db_url: str, digest: str) -> bool:
         engine.dispose()
 
 
-def run_demo(host: str = "127.0.0.1", port: int = 8000, serve: bool = True, size: DemoSize | None = None) -> Path:
+def run_demo(
+    host: str = "127.0.0.1", port: int = 8000, serve: bool = True, size: DemoSize | None = None
+) -> Path:
     from backend.index.pipeline import index_checkpoint
     from backend.server import serve as serve_app
     from trainer.workflows import run_eval, run_training
@@ -98,7 +100,9 @@ def run_demo(host: str = "127.0.0.1", port: int = 8000, serve: bool = True, size
         print(f"   reusing {run_dir}")
     else:
         run_cfg = RunConfig(
-            ArchConfig(arch="moe", width=size.width, k=size.k, children=size.children, subspace=size.subspace),
+            ArchConfig(
+                arch="moe", width=size.width, k=size.k, children=size.children, subspace=size.subspace
+            ),
             TrainConfig(batch_size=size.batch, steps=size.steps, seed=0, checkpoint_every=250),
         )
         resume = checkpoint.is_checkpoint(run_dir)
@@ -108,7 +112,10 @@ def run_demo(host: str = "127.0.0.1", port: int = 8000, serve: bool = True, size
     t = _step("evaluate on held-out tokens")
     metrics = checkpoint.read_metrics(run_dir)  # a save drops metrics.json: any found is of these weights
     if metrics is not None:
-        print(f"   reusing {run_dir / checkpoint.METRICS_FILE}: explained variance {metrics['explained_variance']:.3f}")
+        print(
+            f"   reusing {run_dir / checkpoint.METRICS_FILE}: "
+            f"explained variance {metrics['explained_variance']:.3f}"
+        )
     else:
         _, table = run_eval(run_dir, None, None, size.eval_tokens, "auto", None)
         print(table)
@@ -119,8 +126,10 @@ def run_demo(host: str = "127.0.0.1", port: int = 8000, serve: bool = True, size
     if _indexed(db_url, digest):
         print(f"   run {RUN_NAME!r} is already indexed")
     else:
-        index_checkpoint(run_dir, db_url=db_url, default_db_url=db_url, corpus="demo", tokens=size.index_tokens,
-                         name=RUN_NAME, replace=True)
+        index_checkpoint(
+            run_dir, db_url=db_url, default_db_url=db_url, corpus="demo", tokens=size.index_tokens,
+            name=RUN_NAME, replace=True,
+        )
     timings["index"] = time.perf_counter() - t
 
     print("\n== timings: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()), flush=True)

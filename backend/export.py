@@ -54,10 +54,10 @@ SCHEMA_HEADER = {
     "$id": "https://hsae-forest.invalid/schemas/hsae-subtree.schema.json",
     "title": "HSAE Forest exported subtree (Contract 4)",
     "description": (
-        "A feature of an indexed HSAE run and its descendants, with annotations, statistics, top output tokens "
-        "and examples. `hsae import` and POST /api/v1/runs/{run}/import apply its annotations to a run of the "
-        "same checkpoint (model, layer, arch, checkpoint_digest). Level 0 is the top of the forest; every child "
-        "is one level below its parent."
+        "A feature of an indexed HSAE run and its descendants, with annotations, statistics, top output "
+        "tokens and examples. `hsae import` and POST /api/v1/runs/{run}/import apply its annotations to a "
+        "run of the same checkpoint (model, layer, arch, checkpoint_digest). Level 0 is the top of the "
+        "forest; every child is one level below its parent."
     ),
 }
 
@@ -310,7 +310,9 @@ def export_subtree(
             run = queries.get_run(session, run_name)
             if run is None:
                 raise UnknownRunError(f"no run named {run_name!r}")
-            document = build_subtree(session, run, level, index, depth=depth, include_examples=include_examples)
+            document = build_subtree(
+                session, run, level, index, depth=depth, include_examples=include_examples
+            )
             return document.model_dump(mode="json")
     finally:
         engine.dispose()

@@ -1,7 +1,8 @@
-"""Activation extraction: the full pipeline (tokenize, forward to layer L, select rows, write shards) versus a bare
-forward of the same contexts through a model truncated after layer L, in one process, as a ratio.
+"""Activation extraction: the full pipeline (tokenize, forward to layer L, select rows, write shards) versus a
+bare forward of the same contexts through a model truncated after layer L, in one process, as a ratio.
 
-Rounds alternate baseline and pipeline so that load from other processes on this shared machine hits both alike.
+Rounds alternate baseline and pipeline so that load from other processes on this shared machine hits both
+alike.
     .venv/bin/python bench/bench_extract.py [--tokens 12000] [--layer 15] [--rounds 3]
 """
 
@@ -32,7 +33,8 @@ def bare_forward(lm, tokens_CT: np.ndarray, batch: int) -> int:
                 chunk = tokens_CT[lo : lo + batch]
                 present = chunk != PAD
                 ids = torch.from_numpy(np.where(present, chunk, 0).astype(np.int64))
-                inner(input_ids=ids, attention_mask=torch.from_numpy(present.astype(np.int64)), use_cache=False)
+                mask = torch.from_numpy(present.astype(np.int64))
+                inner(input_ids=ids, attention_mask=mask, use_cache=False)
                 n += int(present[:, 1:].sum())
         return n
     finally:
@@ -48,7 +50,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     lm = load_language_model(layer=args.layer, device="auto")
-    print(f"device {lm.device}, threads {torch.get_num_threads()}, layer {args.layer}, {args.tokens} tokens/round")
+    print(
+        f"device {lm.device}, threads {torch.get_num_threads()}, layer {args.layer}, "
+        f"{args.tokens} tokens/round"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         warm = ActivationCache(lm, "demo", root=Path(tmp) / "warm")
         tokens_CT = warm.contexts(args.tokens).token_ids_CT
@@ -60,11 +65,14 @@ def main() -> None:
             base_rates.append(n / (time.perf_counter() - t))
             cache = ActivationCache(lm, "demo", root=Path(tmp) / f"round{r}")
             t = time.perf_counter()
-            source = cache.ensure(args.tokens, batch_contexts=args.batch_contexts)  # tokenizes + writes shards
+            # Tokenizes + writes shards.
+            source = cache.ensure(args.tokens, batch_contexts=args.batch_contexts)
             pipe_rates.append(source.num_rows / (time.perf_counter() - t))
     base, pipe = statistics.median(base_rates), statistics.median(pipe_rates)
-    print(f"bare forward to layer {args.layer}: {base:8.0f} tok/s  (rounds: {', '.join(f'{x:.0f}' for x in base_rates)})")
-    print(f"extraction pipeline:        {pipe:8.0f} tok/s  (rounds: {', '.join(f'{x:.0f}' for x in pipe_rates)})")
+    base_rounds = ", ".join(f"{x:.0f}" for x in base_rates)
+    pipe_rounds = ", ".join(f"{x:.0f}" for x in pipe_rates)
+    print(f"bare forward to layer {args.layer}: {base:8.0f} tok/s  (rounds: {base_rounds})")
+    print(f"extraction pipeline:        {pipe:8.0f} tok/s  (rounds: {pipe_rounds})")
     print(f"pipeline / bare = {pipe / base:.3f}  (overhead {100 * (1 - pipe / base):.1f}%; goal <= 10%)")
 
 

@@ -1,9 +1,10 @@
-"""`hsae index` against bare activation extraction of the same tokens, peak memory at two corpus sizes 4x apart,
-and database size per million tokens indexed (SQLite and PostgreSQL).
+"""`hsae index` against bare activation extraction of the same tokens, peak memory at two corpus sizes 4x
+apart, and database size per million tokens indexed (SQLite and PostgreSQL).
 
-Each measurement runs in a fresh child process with its own data folder (nothing cached), so peak RSS belongs to
-one index run. The ratio compares, inside one child, extracting N tokens of activations with indexing N tokens
-(which extracts them too, then encodes, accumulates and writes): the overhead is everything indexing adds.
+Each measurement runs in a fresh child process with its own data folder (nothing cached), so peak RSS belongs
+to one index run. The ratio compares, inside one child, extracting N tokens of activations with indexing N
+tokens (which extracts them too, then encodes, accumulates and writes): the overhead is everything indexing
+adds.
 
     .venv/bin/python bench/bench_index.py [--tokens 10000]
 """
@@ -34,7 +35,8 @@ def child(args: argparse.Namespace) -> None:
     if args.with_baseline:
         lm = load_language_model(layer=15)
         t = time.perf_counter()
-        source = ActivationCache(lm, "demo", root=Path(os.environ["HSAE_DATA_DIR"]) / "baseline").ensure(args.tokens)
+        root = Path(os.environ["HSAE_DATA_DIR"]) / "baseline"
+        source = ActivationCache(lm, "demo", root=root).ensure(args.tokens)
         out["extract_tok_s"] = source.num_rows / (time.perf_counter() - t)
         del lm
     t = time.perf_counter()
@@ -127,15 +129,16 @@ def main() -> None:
     print(f"index / extraction = {ratio['index_tok_s'] / ratio['extract_tok_s']:.3f} "
           f"(overhead {100 * (1 - ratio['index_tok_s'] / ratio['extract_tok_s']):.1f}%; goal < 15%)")
     marginal = (large["indexed_tokens"] - small["indexed_tokens"]) / (large["index_s"] - small["index_s"])
-    print(f"marginal rate between {small['indexed_tokens']:,} and {large['indexed_tokens']:,} tokens: {marginal:.0f} "
-          f"tok/s = {marginal / ratio['extract_tok_s']:.3f} of extraction (fixed per-run costs such as top output "
-          f"tokens of every feature through the unembedding excluded)")
+    print(f"marginal rate between {small['indexed_tokens']:,} and {large['indexed_tokens']:,} tokens: "
+          f"{marginal:.0f} tok/s = {marginal / ratio['extract_tok_s']:.3f} of extraction (fixed per-run "
+          f"costs such as top output tokens of every feature through the unembedding excluded)")
     print(f"peak RSS: {small['peak_rss_mb']:.0f} MB at {small['indexed_tokens']:,} tokens, "
           f"{large['peak_rss_mb']:.0f} MB at {large['indexed_tokens']:,} tokens "
           f"(ratio {large['peak_rss_mb'] / small['peak_rss_mb']:.2f} for 4x the tokens; goal: flat)")
     for name, per_million in sizes.items():
         print(f"database size / tokens indexed, {name}: {per_million / 1e6:.0f} MB per million at "
-              f"{large['indexed_tokens']:,} tokens (mostly per feature: examples and contexts, not per token)")
+              f"{large['indexed_tokens']:,} tokens "
+              f"(mostly per feature: examples and contexts, not per token)")
 
 
 if __name__ == "__main__":

@@ -57,10 +57,12 @@ def main() -> None:
         app = create_app(Settings(database_url=url, data_dir=Path(tmp)), local=True)
         with Server(app) as server, httpx.Client(base_url=server.url) as client:
             first_page = api_ms(client, "/api/v1/runs/wide/forest?level=0&sort=density&offset=0&limit=200")
-            last_page = api_ms(client, f"/api/v1/runs/wide/forest?level=0&sort=density&offset={args.roots - 200}&limit=200")
+            last_page = api_ms(
+                client, f"/api/v1/runs/wide/forest?level=0&sort=density&offset={args.roots - 200}&limit=200"
+            )
             children = api_ms(client, "/api/v1/runs/wide/features/0/1/children?limit=500&sort=density")
-            print(f"API (median of 5): first page of 200 roots {first_page:.1f} ms, last page {last_page:.1f} ms, "
-                  f"children {children:.1f} ms")
+            print(f"API (median of 5): first page of 200 roots {first_page:.1f} ms, "
+                  f"last page {last_page:.1f} ms, children {children:.1f} ms")
             rounds = []
             with sync_playwright() as playwright:
                 browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)

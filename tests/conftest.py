@@ -1,5 +1,6 @@
-"""Shared fixtures. Every test session gets its own data directory; the converted model and the demo corpus are
-shared with the repository's data/ folder through links, since building them is deterministic and slow."""
+"""Shared fixtures. Every test session gets its own data directory; the converted model and the demo corpus
+are shared with the repository's data/ folder through links, since building them is deterministic and
+slow."""
 
 from __future__ import annotations
 
@@ -38,6 +39,10 @@ def tiny_corpus(tmp_path: Path) -> Path:
     folder = tmp_path / "corpus"
     folder.mkdir()
     (folder / "a.txt").write_text("The cat sat on the mat. " * 12)
-    (folder / "b.txt").write_text("Paris is the capital of France, and Berlin is the capital of Germany. " * 6)
-    (folder / "c.txt").write_text("Numbers: 1 2 3 4 5 6 7 8 9 10. <|endoftext|> After the special token. " * 4)
+    (folder / "b.txt").write_text(
+        "Paris is the capital of France, and Berlin is the capital of Germany. " * 6
+    )
+    (folder / "c.txt").write_text(
+        "Numbers: 1 2 3 4 5 6 7 8 9 10. <|endoftext|> After the special token. " * 4
+    )
     return folder

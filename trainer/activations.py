@@ -153,7 +153,8 @@ def _pid_alive(pid: int) -> bool:
 
 
 class ActivationCache:
-    """Activations of one (model, layer, corpus, context length), extracted once, reused by train and index."""
+    """Activations of one (model, layer, corpus, context length), extracted once, reused by train and
+    index."""
 
     def __init__(self, lm: LanguageModel, corpus: str, context_len: int = DEFAULT_CONTEXT_LEN,
                  root: Path | None = None, shard_tokens: int = SHARD_TOKENS):
@@ -169,8 +170,8 @@ class ActivationCache:
             "shard_contexts": max(1, shard_tokens // context_len),
             "dtype": "float32",
         }
-        key_src = json.dumps({k: self.info[k] for k in ("model", "layer", "corpus", "context_len", "shard_contexts")},
-                             sort_keys=True)
+        key_fields = ("model", "layer", "corpus", "context_len", "shard_contexts")
+        key_src = json.dumps({k: self.info[k] for k in key_fields}, sort_keys=True)
         self.key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
         self.path = (root or get_settings().subdir("activations")) / self.key
         self.shard_contexts: int = self.info["shard_contexts"]
@@ -257,8 +258,9 @@ class ActivationCache:
 
 
 def extract_batch(lm: LanguageModel, tokens_CT: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Residual stream rows [n, D] (float32) of the real text tokens of some contexts, and the mask that picked
-    them. Right padding is invisible to real tokens under a causal mask, so no position ids are needed."""
+    """Residual stream rows [n, D] (float32) of the real text tokens of some contexts, and the mask that
+    picked them. Right padding is invisible to real tokens under a causal mask, so no position ids are
+    needed."""
     present = tokens_CT != PAD
     ids = torch.from_numpy(np.where(present, tokens_CT, 0).astype(np.int64))
     attention = torch.from_numpy(present.astype(np.int64))
@@ -304,10 +306,12 @@ class ShardSource:
         return self._read(self.rows, start, stop)
 
     def epoch_order(self, seed: int, epoch: int) -> np.ndarray:
-        """Row order of one epoch: blocks of contiguous rows in random order, shuffled within windows of blocks.
+        """Row order of one epoch: blocks of contiguous rows in random order, shuffled within windows of
+        blocks.
 
-        This is a shuffling buffer expressed as indices: the rows a window touches lie in WINDOW_BLOCKS blocks,
-        so reads stay local, while the schedule itself needs no data (a resumed run skips batches unread).
+        This is a shuffling buffer expressed as indices: the rows a window touches lie in WINDOW_BLOCKS
+        blocks, so reads stay local, while the schedule itself needs no data (a resumed run skips batches
+        unread).
         """
         rng = np.random.default_rng([seed, epoch])
         n_blocks = -(-self.num_rows // self.BLOCK_ROWS)
@@ -349,7 +353,8 @@ class ShardSource:
 
 
 def load_activation_file(path: str | Path) -> TensorSource:
-    """A float matrix [N, d] from .npy (memory-mapped) or .safetensors (tensor `activations`), checked finite."""
+    """A float matrix [N, d] from .npy (memory-mapped) or .safetensors (tensor `activations`), checked
+    finite."""
     path = Path(path)
     if not path.is_file():
         raise HSAEError(f"activations file {path} does not exist")
@@ -364,7 +369,8 @@ def load_activation_file(path: str | Path) -> TensorSource:
         try:
             with safe_open(str(path), framework="numpy") as f:
                 if "activations" not in f.keys():
-                    raise HSAEError(f"{path} has no tensor named 'activations' (found: {', '.join(f.keys())})")
+                    found = ", ".join(f.keys())
+                    raise HSAEError(f"{path} has no tensor named 'activations' (found: {found})")
                 rows = f.get_tensor("activations")
         except SafetensorError as err:
             raise HSAEError(f"{path} is not a readable .safetensors file ({err})") from None

@@ -330,7 +330,9 @@ def read_info(run_dir: str | Path) -> CheckpointInfo:
             source_dir=source,
         )
     except (TypeError, ValueError, KeyError, AttributeError) as err:
-        raise CheckpointError(f"damaged checkpoint {run_dir}: {CFG_FILE} has a malformed field ({err})") from None
+        raise CheckpointError(
+            f"damaged checkpoint {run_dir}: {CFG_FILE} has a malformed field ({err})"
+        ) from None
     return info
 
 
@@ -445,9 +447,9 @@ def _source_dir(run_dir: Path) -> Path:
 
 
 def recover(run_dir: Path) -> None:
-    """For writers only (a save, training about to resume): put back the previous checkpoint a killed save left
-    aside, and remove leftover temporaries. Both only when unchanged for STALE_AFTER_S, so that a save under
-    way in another process, in this container or another, is never disturbed."""
+    """For writers only (a save, training about to resume): put back the previous checkpoint a killed save
+    left aside, and remove leftover temporaries. Both only when unchanged for STALE_AFTER_S, so that a save
+    under way in another process, in this container or another, is never disturbed."""
     run_dir = Path(run_dir)
     if not run_dir.parent.is_dir():
         return

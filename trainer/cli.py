@@ -22,10 +22,19 @@ app = typer.Typer(
     add_completion=False,
 )
 
-Model = Annotated[str | None, typer.Option(help="Hugging Face causal LM name or local path [default: bundled SmolLM2-135M].")]
-Layer = Annotated[int | None, typer.Option(help="Block whose residual-stream output is captured [default: 15].")]
-Corpus = Annotated[str | None, typer.Option(help="demo, a .txt file, a folder, a .jsonl (text field) or hf:NAME[:split].")]
-Activations = Annotated[Path | None, typer.Option(help="A float [N, d] matrix (.npy, or .safetensors tensor 'activations').")]
+Model = Annotated[
+    str | None,
+    typer.Option(help="Hugging Face causal LM name or local path [default: bundled SmolLM2-135M]."),
+]
+Layer = Annotated[
+    int | None, typer.Option(help="Block whose residual-stream output is captured [default: 15].")
+]
+Corpus = Annotated[
+    str | None, typer.Option(help="demo, a .txt file, a folder, a .jsonl (text field) or hf:NAME[:split].")
+]
+Activations = Annotated[
+    Path | None, typer.Option(help="A float [N, d] matrix (.npy, or .safetensors tensor 'activations').")
+]
 Device = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
 
 
@@ -36,20 +45,35 @@ def train_cmd(
     layer: Layer = None,
     corpus: Corpus = None,
     activations: Activations = None,
-    tokens: Annotated[int | None, typer.Option(help="Tokens of activations to draw from the corpus [default: 200000].")] = None,
-    out: Annotated[Path | None, typer.Option(help="Run directory [default: data/runs/<arch>-<time>].")] = None,
+    tokens: Annotated[
+        int | None, typer.Option(help="Tokens of activations to draw from the corpus [default: 200000].")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Run directory [default: data/runs/<arch>-<time>].")
+    ] = None,
     device: Device = "auto",
     seed: Annotated[int | None, typer.Option(help="Random seed (initialisation and data order).")] = None,
-    config: Annotated[Path | None, typer.Option(help='JSON file {"arch": {...}, "train": {...}}; flags override it.')] = None,
-    preset: Annotated[str | None, typer.Option(help="project (measured defaults) or paper (each paper's settings) [default: project].")] = None,
+    config: Annotated[
+        Path | None, typer.Option(help='JSON file {"arch": {...}, "train": {...}}; flags override it.')
+    ] = None,
+    preset: Annotated[
+        str | None,
+        typer.Option(
+            help="project (measured defaults) or paper (each paper's settings) [default: project]."
+        ),
+    ] = None,
     width: Annotated[int | None, typer.Option(help="Flat width, or the number of parents for moe.")] = None,
     k: Annotated[int | None, typer.Option(help="Active latents per token at the top level.")] = None,
     children: Annotated[int | None, typer.Option(help="moe: children per parent.")] = None,
     subspace: Annotated[int | None, typer.Option(help="moe: subspace dimension of each expert.")] = None,
-    levels: Annotated[str | None, typer.Option(help="tree: widths top to bottom, e.g. 512,1024,2048.")] = None,
+    levels: Annotated[
+        str | None, typer.Option(help="tree: widths top to bottom, e.g. 512,1024,2048.")
+    ] = None,
     batch: Annotated[int | None, typer.Option(help="Batch size (tokens per step).")] = None,
     lr: Annotated[float | None, typer.Option(help="Peak learning rate.")] = None,
-    steps: Annotated[int | None, typer.Option(help="Optimizer steps [default: one pass over the data].")] = None,
+    steps: Annotated[
+        int | None, typer.Option(help="Optimizer steps [default: one pass over the data].")
+    ] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last checkpoint.")] = False,
 ) -> None:
     """Train an HSAE; prints the run directory as the last line."""
@@ -81,9 +105,13 @@ def eval_cmd(
     run_dir: Annotated[Path, typer.Argument(help="A checkpoint directory.")],
     corpus: Corpus = None,
     activations: Activations = None,
-    tokens: Annotated[int, typer.Option(help="Tokens to evaluate on (held out from training where possible).")] = 20_000,
+    tokens: Annotated[
+        int, typer.Option(help="Tokens to evaluate on (held out from training where possible).")
+    ] = 20_000,
     device: Device = "auto",
-    baseline: Annotated[Path | None, typer.Option(help="A flat run whose metrics.json is shown beside.")] = None,
+    baseline: Annotated[
+        Path | None, typer.Option(help="A flat run whose metrics.json is shown beside.")
+    ] = None,
 ) -> None:
     """Evaluate a run; writes RUN_DIR/metrics.json and prints a table."""
     from trainer.workflows import run_eval

@@ -27,7 +27,9 @@ from trainer.settings import get_settings
 DEMO_SOURCES = {
     "wikipedia": {
         "package": "gensim==4.4.0 (PyPI wheel)",
-        "member": "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2",
+        "member": (
+            "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+        ),
         "licence": "CC BY-SA 3.0 (Wikipedia text); the file ships in gensim's test data (LGPL-2.1 package)",
     },
     "sotu": {
@@ -45,7 +47,8 @@ class Document:
 
 
 def describe(spec: str) -> dict:
-    """What a corpus spec refers to, with a fingerprint that changes when its content does (for cache keys)."""
+    """What a corpus spec refers to, with a fingerprint that changes when its content does (for cache
+    keys)."""
     if spec == "demo":
         path = demo_corpus_path()
         return {"spec": "demo", "path": str(path), "fingerprint": _file_digest(path)}
@@ -53,7 +56,9 @@ def describe(spec: str) -> dict:
         return {"spec": spec, "fingerprint": hashlib.sha256(spec.encode()).hexdigest()}
     path = Path(spec)
     if not path.exists():
-        raise HSAEError(f"corpus {spec!r} does not exist (give demo, a .txt file, a folder, a .jsonl or hf:NAME)")
+        raise HSAEError(
+            f"corpus {spec!r} does not exist (give demo, a .txt file, a folder, a .jsonl or hf:NAME)"
+        )
     files = _text_files(path) if path.is_dir() else [path]
     h = hashlib.sha256()
     for f in files:
@@ -70,7 +75,9 @@ def iter_documents(spec: str) -> Iterator[Document]:
     else:
         path = Path(spec)
         if not path.exists():
-            raise HSAEError(f"corpus {spec!r} does not exist (give demo, a .txt file, a folder, a .jsonl or hf:NAME)")
+            raise HSAEError(
+                f"corpus {spec!r} does not exist (give demo, a .txt file, a folder, a .jsonl or hf:NAME)"
+            )
         if path.is_dir():
             files = _text_files(path)
             if not files:
@@ -108,7 +115,8 @@ def _iter_jsonl(path: Path) -> Iterator[Document]:
             if not isinstance(record, dict) or not isinstance(record.get("text"), str):
                 raise HSAEError(f"{path}:{line_no}: no string field 'text'")
             doc_id = record.get("id")
-            yield Document(id=str(doc_id) if doc_id is not None else f"{path.name}:{line_no}", text=record["text"])
+            doc_name = str(doc_id) if doc_id is not None else f"{path.name}:{line_no}"
+            yield Document(id=doc_name, text=record["text"])
 
 
 def _iter_hub(spec: str) -> Iterator[Document]:
@@ -118,7 +126,9 @@ def _iter_hub(spec: str) -> Iterator[Document]:
 
         dataset = datasets.load_dataset(name, split=split or "train", streaming=True)
     except Exception as err:  # the hub client raises many types; all mean the same thing to the user
-        raise HSAEError(f"cannot load dataset {name!r} from the Hugging Face hub: {str(err).splitlines()[0]}") from None
+        raise HSAEError(
+            f"cannot load dataset {name!r} from the Hugging Face hub: {str(err).splitlines()[0]}"
+        ) from None
     for i, record in enumerate(dataset):
         if "text" not in record:
             raise HSAEError(f"dataset {name!r} has no 'text' column (columns: {', '.join(record)})")
@@ -178,13 +188,16 @@ def _wikipedia_articles(tmp: Path) -> Iterator[dict]:
     import mwparserfromhell
 
     print("Fetching the Wikipedia sample (gensim test data, PyPI)...", flush=True)
-    _run([sys.executable, "-m", "pip", "download", "--no-deps", "-d", str(tmp), "gensim==4.4.0"], tmp, "gensim")
+    _run(
+        [sys.executable, "-m", "pip", "download", "--no-deps", "-d", str(tmp), "gensim==4.4.0"], tmp, "gensim"
+    )
     wheel = next(tmp.glob("gensim-*.whl"))
     with zipfile.ZipFile(wheel) as zf:
         raw = zf.read(DEMO_SOURCES["wikipedia"]["member"])
     ns_strip = lambda tag: tag.rsplit("}", 1)[-1]  # noqa: E731
     title = None
-    for _, elem in tqdm(ET.iterparse(io.BytesIO(bz2.decompress(raw))), desc="wiki markup", unit=" el", leave=False):
+    events = ET.iterparse(io.BytesIO(bz2.decompress(raw)))
+    for _, elem in tqdm(events, desc="wiki markup", unit=" el", leave=False):
         tag = ns_strip(elem.tag)
         if tag == "title":
             title = elem.text or ""
@@ -202,9 +215,11 @@ _LEFTOVER_MARKUP = re.compile(r"<ref[^>]*>.*?(</ref>|$)|\{\{.*?(\}\}|$)|\[\[|\]\
 
 
 def _clean_wikitext(text: str) -> str:
-    # mwparserfromhell strips well-formed markup; the shortened dump also has a few broken tags it leaves behind.
+    # mwparserfromhell strips well-formed markup; the shortened dump also has a few broken tags it leaves
+    # behind.
     lines = [_LEFTOVER_MARKUP.sub("", line).strip() for line in text.splitlines()]
-    kept = [line for line in lines if line and not line.startswith(("thumb|", "Category:", "File:", "Image:"))]
+    leftovers = ("thumb|", "Category:", "File:", "Image:")
+    kept = [line for line in lines if line and not line.startswith(leftovers)]
     return "\n".join(kept)
 
 

@@ -52,6 +52,7 @@ class TensorSource:
         while True:
             order = epoch_permutation(self.num_rows, seed, epoch)
             for b in range(offset, per_epoch):
-                idx = np.sort(order[b * batch_size : (b + 1) * batch_size])  # sorted reads are memmap-friendly
+                # Sorted reads are memmap-friendly.
+                idx = np.sort(order[b * batch_size : (b + 1) * batch_size])
                 yield torch.from_numpy(np.asarray(self.rows_ND[idx], dtype=np.float32))
             epoch, offset = epoch + 1, 0

@@ -1,4 +1,5 @@
-"""The project's error type: raised for bad input anywhere, printed by the CLI as one line and a non-zero exit."""
+"""The project's error type: raised for bad input anywhere, printed by the CLI as one line and a non-zero
+exit."""
 
 
 class HSAEError(Exception):

@@ -89,7 +89,8 @@ class _StopForward(Exception):
 
 @dataclass
 class LanguageModel:
-    """A causal LM with one hooked layer. `residual` runs blocks 0..layer only and returns that block's output."""
+    """A causal LM with one hooked layer. `residual` runs blocks 0..layer only and returns that block's
+    output."""
 
     name: str
     model: nn.Module
@@ -118,7 +119,9 @@ class LanguageModel:
         return set(self.tokenizer.all_special_ids)
 
     @torch.inference_mode()
-    def residual(self, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor | None = None) -> torch.Tensor:
+    def residual(
+        self, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor | None = None
+    ) -> torch.Tensor:
         captured: list[torch.Tensor] = []
 
         def grab(_module, _inputs, output):
@@ -162,7 +165,8 @@ class LanguageModel:
         replace_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
         attention_mask_BT: torch.Tensor | None = None,
     ) -> float:
-        """Mean next-token cross-entropy, with the hooked layer's output passed through `replace_fn` if given."""
+        """Mean next-token cross-entropy, with the hooked layer's output passed through `replace_fn` if
+        given."""
         ids = input_ids_BT.to(self.device)
         mask = None if attention_mask_BT is None else attention_mask_BT.to(self.device)
         with self._replacing(replace_fn):
@@ -179,7 +183,9 @@ class LanguageModel:
         return self.model.get_output_embeddings().weight.detach().float()
 
 
-def load_language_model(name: str | None = None, layer: int = DEFAULT_LAYER, device: str = "auto") -> LanguageModel:
+def load_language_model(
+    name: str | None = None, layer: int = DEFAULT_LAYER, device: str = "auto"
+) -> LanguageModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     name = name or DEFAULT_MODEL

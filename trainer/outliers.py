@@ -30,8 +30,9 @@ def inliers(x_ND: Tensor, threshold: float) -> Tensor:
 
 
 def encode_inliers(model, x_raw_ND: Tensor, max_norm: float) -> tuple[list, Tensor]:
-    """`model.encode(x)` with no latent active on the rows above `max_norm` (indices -1, values 0): the SAE was
-    not trained on massive activations and says nothing about them. Returns (codes, bool [N] outlier rows)."""
+    """`model.encode(x)` with no latent active on the rows above `max_norm` (indices -1, values 0): the SAE
+    was not trained on massive activations and says nothing about them. Returns (codes, bool [N] outlier
+    rows)."""
     codes = model.encode(x_raw_ND)
     outlier_N = ~inliers(x_raw_ND, max_norm)
     if bool(outlier_N.any()):

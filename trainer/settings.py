@@ -18,7 +18,9 @@ class Settings(BaseSettings):
 
     data_dir: Path = Field(
         default_factory=lambda: Path.cwd() / "data",
-        description="Git-ignored folder for converted models, corpora, activation caches, runs and the SQLite file.",
+        description=(
+            "Git-ignored folder for converted models, corpora, activation caches, runs and the SQLite file."
+        ),
     )
 
     def subdir(self, name: str) -> Path:

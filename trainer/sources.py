@@ -1,4 +1,5 @@
-"""Where a command's activations come from: a corpus run through a language model (cached), or a matrix file."""
+"""Where a command's activations come from: a corpus run through a language model (cached), or a matrix
+file."""
 
 from __future__ import annotations
 

@@ -80,7 +80,9 @@ def _eval_data(ckpt: checkpoint.CheckpointInfo, corpus: str | None, activations:
         else:
             corpus = "demo"
     if activations is None and not model.name:
-        raise HSAEError(f"{ckpt.run_dir} was trained without a language model: evaluate it with --activations FILE")
+        raise HSAEError(
+            f"{ckpt.run_dir} was trained without a language model: evaluate it with --activations FILE"
+        )
     skip = 0
     same_corpus = activations is None and trained_on.corpus is not None and corpus == trained_on.corpus_spec
     if same_corpus:
@@ -117,9 +119,14 @@ def run_eval(run_dir: Path, corpus: str | None, activations: str | None, tokens:
     model = ckpt.model
     opened, skip = _eval_data(ckpt, corpus, activations, tokens, device)
     if opened.source.d_in != model.d_in:
-        raise HSAEError(f"the evaluation activations have width {opened.source.d_in}, the run expects {model.d_in}")
+        raise HSAEError(
+            f"the evaluation activations have width {opened.source.d_in}, the run expects {model.d_in}"
+        )
     n = min(tokens, opened.source.num_rows - skip)
-    batches = (torch.from_numpy(opened.source.read(lo, min(lo + 4096, skip + n))) for lo in range(skip, skip + n, 4096))
+    batches = (
+        torch.from_numpy(opened.source.read(lo, min(lo + 4096, skip + n)))
+        for lo in range(skip, skip + n, 4096)
+    )
     # massive activations are left out with the threshold the run was trained with, as index and live do
     max_norm = ckpt.max_norm
     metrics = evaluate(model, batches, max_norm=max_norm)
@@ -139,8 +146,11 @@ def run_eval(run_dir: Path, corpus: str | None, activations: str | None, tokens:
     if baseline is not None:
         base = checkpoint.read_metrics(baseline)
         if base is None:
-            raise HSAEError(f"baseline {baseline} has no {checkpoint.METRICS_FILE}: run `hsae eval {baseline}` first")
-    table = format_metrics(metrics, base, names=(Path(run_dir).name[:11], Path(baseline).name[:11] if baseline else ""))
+            raise HSAEError(
+                f"baseline {baseline} has no {checkpoint.METRICS_FILE}: run `hsae eval {baseline}` first"
+            )
+    names = (Path(run_dir).name[:11], Path(baseline).name[:11] if baseline else "")
+    table = format_metrics(metrics, base, names=names)
     return metrics, table
 
 
@@ -171,7 +181,8 @@ def run_encode(run_dir: Path, corpus: str | None, activations: str | None, token
     parts: list[list[torch.Tensor]] = [[] for _ in range(2 * len(model.level_widths))]
     with torch.no_grad():
         for lo in range(0, n, 4096):
-            x = torch.from_numpy(opened.source.read(lo, min(lo + 4096, n))).to(next(model.parameters()).device)
+            rows = opened.source.read(lo, min(lo + 4096, n))
+            x = torch.from_numpy(rows).to(next(model.parameters()).device)
             for i, code in enumerate(model.encode(x)):
                 parts[2 * i].append(code.indices.cpu())
                 parts[2 * i + 1].append(code.values.float().cpu())

@@ -48,7 +48,10 @@ Index = Annotated[int, Field(**INDEX_BOUNDS, description="the feature's latent i
 def is_feature_address(level: int, index: int) -> bool:
     """Whether (level, index) can name a feature at all: what the API refuses with 422 before any query, and
     what the command line's export checks before it asks the database (which could not even store it)."""
-    return LEVEL_BOUNDS["ge"] <= level <= LEVEL_BOUNDS["le"] and INDEX_BOUNDS["ge"] <= index <= INDEX_BOUNDS["le"]
+    return (
+        LEVEL_BOUNDS["ge"] <= level <= LEVEL_BOUNDS["le"]
+        and INDEX_BOUNDS["ge"] <= index <= INDEX_BOUNDS["le"]
+    )
 
 
 class Model(BaseModel):

@@ -45,7 +45,8 @@ def index_checkpoint(
     config: IndexConfig | None = None,
 ) -> IndexSummary:
     ckpt = checkpoint.open(Path(run_dir).resolve(), device=resolve_device(device))
-    prepare_database(db_url, default_db_url)  # before the long part: a database that cannot take it stops here
+    # Before the long part: a database that cannot take it stops here.
+    prepare_database(db_url, default_db_url)
     indexed = index_run(ckpt, corpus=corpus, tokens=tokens, name=name, device=device, config=config)
     with tqdm(desc="writing", unit=" rows", unit_scale=True) as bar:
         def progress(stage: str, done: int, total: int) -> None:
@@ -57,4 +58,6 @@ def index_checkpoint(
         run_id = write_run(db_url, indexed.result, indexed.info, indexed.contexts,
                            output_tokens=indexed.output_tokens, edge_cosines=indexed.edge_cosines,
                            replace=replace, progress=progress)
-    return IndexSummary(run_id=run_id, name=indexed.info.name, tokens=indexed.tokens, contexts=indexed.n_contexts)
+    return IndexSummary(
+        run_id=run_id, name=indexed.info.name, tokens=indexed.tokens, contexts=indexed.n_contexts
+    )

@@ -82,7 +82,9 @@ def delete_run(engine: Engine, run_id: int, features_per_batch: int = 5000) -> N
     orphan that the next index of the name finishes."""
     with engine.connect() as conn:
         run = conn.execute(hidden_runs(Run.level_widths).where(Run.id == run_id)).first()
-        visible = run is None and conn.execute(visible_runs(Run.id).where(Run.id == run_id)).first() is not None
+        visible = (
+            run is None and conn.execute(visible_runs(Run.id).where(Run.id == run_id)).first() is not None
+        )
     if visible:
         raise ValueError(f"run {run_id} is visible; hide it (complete=False) before deleting it")
     if run is None:

@@ -60,7 +60,8 @@ class TransformerLiveModel:
             )
         if ckpt.model.d_in != lm.d_model:
             raise LiveUnavailable(
-                f"run {spec.name!r}: the checkpoint expects width {ckpt.model.d_in}, the model gives {lm.d_model}"
+                f"run {spec.name!r}: the checkpoint expects width {ckpt.model.d_in}, "
+                f"the model gives {lm.d_model}"
             )
         return cls(lm, ckpt.model, ckpt.max_norm)
 

@@ -41,8 +41,11 @@ def test_schema_file_is_a_valid_json_schema():
 
 
 def test_committed_schema_is_the_models_schema():
-    """One definition of the document: the pydantic models. The committed JSON Schema is generated from them."""
-    assert SCHEMA == export.document_schema(), "the models changed: regenerate with `python -m backend.export`"
+    """One definition of the document: the pydantic models. The committed JSON Schema is generated from
+    them."""
+    assert SCHEMA == export.document_schema(), (
+        "the models changed: regenerate with `python -m backend.export`"
+    )
 
 
 def test_export_is_built_from_the_models(api_db_url):

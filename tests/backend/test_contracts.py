@@ -11,7 +11,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _sources(*folders: str) -> dict[str, str]:
-    return {str(p.relative_to(REPO)): p.read_text() for f in folders for p in sorted((REPO / f).rglob("*.py"))}
+    return {
+        str(p.relative_to(REPO)): p.read_text() for f in folders for p in sorted((REPO / f).rglob("*.py"))
+    }
 
 
 def test_visibility_of_runs_is_defined_once():

@@ -61,7 +61,8 @@ def test_upgrade_to_head_and_downgrade_to_base(empty_db_url, tmp_path, monkeypat
 
 
 def test_rows_survive_migrations_down_and_up(empty_db_url):
-    """SQLite batch mode copies tables to change them: with foreign keys on, that would cascade-delete rows."""
+    """SQLite batch mode copies tables to change them: with foreign keys on, that would cascade-delete
+    rows."""
     db_upgrade(empty_db_url)
     engine = make_engine(empty_db_url)
     try:

@@ -98,8 +98,9 @@ def tiny_run(tmp_path_factory):
     (corpus / "a.txt").write_text("The river flows to the sea. Boats sail on the river at dawn. " * 8)
     (corpus / "b.txt").write_text("Seven, eight, nine. Numbers count the days of the week. " * 8)
     run_dir = tmp_path_factory.mktemp("deploy-runs") / "tiny-moe"
-    out = _run("train", "--arch", "moe", "--corpus", corpus, "--layer", 6, "--tokens", 400, "--width", 16, "--k", 4,
-               "--children", 4, "--subspace", 4, "--steps", 20, "--batch", 64, "--out", run_dir, "--device", "cpu")
+    out = _run("train", "--arch", "moe", "--corpus", corpus, "--layer", 6, "--tokens", 400,
+               "--width", 16, "--k", 4, "--children", 4, "--subspace", 4, "--steps", 20, "--batch", 64,
+               "--out", run_dir, "--device", "cpu")
     assert out.strip().splitlines()[-1] == str(run_dir)
     _run("eval", run_dir, "--corpus", corpus, "--tokens", 200, "--device", "cpu")
     assert json.loads((run_dir / "metrics.json").read_text())["ce"]["ce_clean"] > 0

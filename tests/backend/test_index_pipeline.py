@@ -43,15 +43,17 @@ def corpus(tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained_run(corpus, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("runs") / "moe-small"
-    cfg = RunConfig(ArchConfig(arch="moe", width=16, k=4, children=4, subspace=4),
-                    TrainConfig(batch_size=64, steps=30, seed=0, device="cpu", progress=False, checkpoint_every=0))
+    cfg = RunConfig(
+        ArchConfig(arch="moe", width=16, k=4, children=4, subspace=4),
+        TrainConfig(batch_size=64, steps=30, seed=0, device="cpu", progress=False, checkpoint_every=0),
+    )
     run_training(DataSpec(layer=6, corpus=corpus, tokens=100_000, context_len=32, device="cpu"), cfg, run_dir)
     return run_dir
 
 
 def _index(run_dir, db_url, corpus, name, **kw):
     return index_checkpoint(run_dir, db_url=db_url, default_db_url="sqlite:///unused.db", corpus=corpus,
-                                     tokens=100_000, name=name, device="cpu", config=IndexConfig(top_k=TOP_K), **kw)
+                            tokens=100_000, name=name, device="cpu", config=IndexConfig(top_k=TOP_K), **kw)
 
 
 def _brute_force(run_dir, corpus):
@@ -98,7 +100,8 @@ def test_index_gives_massive_activations_no_features(db_url, trained_run, corpus
     with Session(make_engine(db_url)) as conn:
         run = conn.execute(visible_runs().where(Run.name == name)).scalar_one()
         assert run.corpus["outlier_tokens"] == int(massive.sum())
-        fire = {(f.level, f.idx): f.fire_count for f in conn.execute(select(Feature).where(Feature.run_id == run.id)).scalars()}
+        rows = conn.execute(select(Feature).where(Feature.run_id == run.id)).scalars()
+        fire = {(f.level, f.idx): f.fire_count for f in rows}
     for level, d in enumerate(dense):
         assert [fire[(level, i)] for i in range(d.shape[1])] == (d > 0).sum(0).tolist()
 
@@ -112,7 +115,8 @@ def test_index_matches_brute_force(db_url, trained_run, corpus):
     with Session(engine) as conn:
         run = conn.execute(visible_runs().where(Run.name == name)).scalar_one()
         assert run.checkpoint_path == str(trained_run.resolve()) and run.n_tokens == len(meta)
-        features = {(f.level, f.idx): f for f in conn.execute(select(Feature).where(Feature.run_id == run.id)).scalars()}
+        rows = conn.execute(select(Feature).where(Feature.run_id == run.id)).scalars()
+        features = {(f.level, f.idx): f for f in rows}
         assert len(features) == sum(model.level_widths)
         for level, d in enumerate(dense):
             active = d > 0
@@ -133,7 +137,8 @@ def test_index_matches_brute_force(db_url, trained_run, corpus):
                 expected = sorted(per_ctx.values(), reverse=True)[:TOP_K]
                 got = conn.execute(
                     select(Example.max_value, Example.context_id, Example.max_position, Example.token_values)
-                    .where(Example.run_id == run.id, Example.level == level, Example.idx == i, Example.kind == "top")
+                    .where(Example.run_id == run.id, Example.level == level, Example.idx == i,
+                           Example.kind == "top")
                     .order_by(Example.rank)).all()
                 assert [g.max_value for g in got] == pytest.approx(expected, rel=1e-4)
                 for g in got:
@@ -158,7 +163,10 @@ def test_interrupted_index_leaves_previous_run_and_replace_swaps(db_url, trained
     name = f"swap-{uuid.uuid4().hex[:8]}"
     first = _index(trained_run, db_url, corpus, name)
     engine = make_engine(db_url)
-    count = lambda: engine.connect().execute(select(func.count()).select_from(Run).where(Run.name == name)).scalar()  # noqa: E731
+
+    def count():
+        query = select(func.count()).select_from(Run).where(Run.name == name)
+        return engine.connect().execute(query).scalar()
 
     with pytest.raises(RunExistsError, match="--replace"):
         _index(trained_run, db_url, corpus, name)
@@ -181,5 +189,6 @@ def test_interrupted_index_leaves_previous_run_and_replace_swaps(db_url, trained
     with Session(engine) as conn:
         visible = conn.execute(visible_runs().where(Run.name == name)).scalars().all()
         assert [r.id for r in visible] == [second.run_id]
-        assert conn.execute(select(func.count()).select_from(Feature).where(Feature.run_id == first.run_id)).scalar() == 0
+        left = select(func.count()).select_from(Feature).where(Feature.run_id == first.run_id)
+        assert conn.execute(left).scalar() == 0
     engine.dispose()

@@ -51,8 +51,9 @@ class Server:
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
-                                                    lifespan="on"))
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on")
+        )
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self) -> Server:
@@ -134,7 +135,9 @@ def page(browser):
     page.set_default_timeout(15_000)
     seen = PageErrors()
     page.on("pageerror", lambda err: seen.errors.append(f"pageerror: {err}"))
-    page.on("console", lambda msg: seen.errors.append(f"console: {msg.text}") if msg.type == "error" else None)
+    page.on(
+        "console", lambda msg: seen.errors.append(f"console: {msg.text}") if msg.type == "error" else None
+    )
 
     def on_dialog(dialog) -> None:
         seen.dialogs.append(dialog.message)

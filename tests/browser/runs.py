@@ -133,15 +133,20 @@ def small_run(engine: Engine, name: str = "demo-run", n_contexts: int = 300, see
     run_id = write_run(engine, result, info, store, output_tokens=output_tokens, edge_cosines=cosines)
     with engine.begin() as conn:
         for (level, index), label in (labels or {}).items():
-            conn.execute(update(Feature).where(Feature.run_id == run_id, Feature.level == level,
-                                               Feature.idx == index).values(label=label, annotated_at=utcnow()))
+            conn.execute(
+                update(Feature)
+                .where(Feature.run_id == run_id, Feature.level == level, Feature.idx == index)
+                .values(label=label, annotated_at=utcnow())
+            )
     return run_id
 
 
 WIDE_DEAD_EVERY = 1000  # every 1000th root of the wide run is dead, as some latents of a real run are
 
 
-def wide_run(engine: Engine, name: str = "wide", roots: int = 10_000, children: int = 4, seed: int = 0) -> int:
+def wide_run(
+    engine: Engine, name: str = "wide", roots: int = 10_000, children: int = 4, seed: int = 0
+) -> int:
     """A two-level run with `roots` roots of `children` children each, bulk inserted (no examples). Every root
     has the same child count (as in an MoE run), and every WIDE_DEAD_EVERY-th root is dead (all zeros)."""
     rng = np.random.default_rng(seed)
@@ -164,7 +169,8 @@ def wide_run(engine: Engine, name: str = "wide", roots: int = 10_000, children: 
                 alive = bool(fires[i])  # a dead latent's statistics are all zero
                 out.append({
                     "run_id": run_id, "level": level, "idx": i,
-                    "parent_level": None if level == 0 else 0, "parent_idx": None if level == 0 else i // children,
+                    "parent_level": None if level == 0 else 0,
+                    "parent_idx": None if level == 0 else i // children,
                     "child_count": children if level == 0 else 0, "fire_count": int(fires[i]),
                     "density": float(fires[i]) / n_tokens, "max_act": float(rng.uniform(1, 10)) * alive,
                     "mean_act": float(rng.uniform(0.2, 1)) * alive, "top_positive": top, "top_negative": [],
@@ -177,8 +183,9 @@ def wide_run(engine: Engine, name: str = "wide", roots: int = 10_000, children: 
         conn.execute(insert(Feature), rows(0, roots))
         conn.execute(insert(Feature), rows(1, roots * children))
         conn.execute(insert(FeatureEdge), [
-            {"run_id": run_id, "parent_level": 0, "parent_idx": c // children, "child_level": 1, "child_idx": c,
-             "coactive_count": 10, "p_parent_given_child": 0.9, "p_child_given_parent": 0.25, "decoder_cosine": 0.5}
+            {"run_id": run_id, "parent_level": 0, "parent_idx": c // children, "child_level": 1,
+             "child_idx": c, "coactive_count": 10, "p_parent_given_child": 0.9, "p_child_given_parent": 0.25,
+             "decoder_cosine": 0.5}
             for c in range(roots * children)
         ])
         conn.execute(Run.__table__.update().where(Run.id == run_id).values(complete=True))

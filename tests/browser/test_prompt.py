@@ -38,10 +38,10 @@ def real_server(lm, database_url, tmp_path_factory):
     run_dir = root / "run"
     cfg = RunConfig(ArchConfig(arch="moe", width=WIDTH, k=K, children=CHILDREN, subspace=4),
                     TrainConfig(batch_size=128, steps=20, progress=False, device="cpu", log_every=10))
-    run_training(DataSpec(layer=lm.layer, corpus=str(corpus), tokens=10_000, context_len=32, device="cpu"), cfg,
-                 run_dir)
-    index_checkpoint(run_dir, db_url=database_url, default_db_url=database_url, corpus=str(corpus), name=REAL_RUN,
-                     device="cpu", config=IndexConfig(top_k=5))
+    run_training(DataSpec(layer=lm.layer, corpus=str(corpus), tokens=10_000, context_len=32, device="cpu"),
+                 cfg, run_dir)
+    index_checkpoint(run_dir, db_url=database_url, default_db_url=database_url, corpus=str(corpus),
+                     name=REAL_RUN, device="cpu", config=IndexConfig(top_k=5))
     settings = Settings(database_url=database_url, data_dir=root, live_device="cpu")
     with Server(create_app(settings, local=True)) as server:
         yield server
@@ -80,7 +80,8 @@ def test_prompt_tokens_are_shaded_and_a_token_shows_its_feature_tree(page, real_
         children = parents.nth(i).locator(':scope > ul > li[aria-level="2"] > .fnode')
         assert children.count() <= 1
         if children.count():
-            assert int(children.first.get_attribute("data-index")) // CHILDREN == int(parent.get_attribute("data-index"))
+            child_index = int(children.first.get_attribute("data-index"))
+            assert child_index // CHILDREN == int(parent.get_attribute("data-index"))
             with_child = with_child or children.first
     assert with_child is not None, "no active parent had an active child on ' France'"
 

@@ -1,4 +1,5 @@
-"""Forest timings as the browser sees them, shared by tests/browser/test_ui_timings.py and bench/bench_ui.py."""
+"""Forest timings as the browser sees them, shared by tests/browser/test_ui_timings.py and
+bench/bench_ui.py."""
 
 from __future__ import annotations
 
@@ -37,7 +38,9 @@ def measure_forest(page, base_url: str, run: str, expands: int = 5) -> dict[str,
     page.goto(f"{base_url}/runs/{run}")
     page.wait_for_function("performance.getEntriesByName('forest:first-rows').length > 0", timeout=30_000)
     first_rows = page.evaluate("performance.getEntriesByName('forest:first-rows')[0].startTime")
-    fcp = page.evaluate("(performance.getEntriesByName('first-contentful-paint')[0] || {startTime: NaN}).startTime")
+    fcp = page.evaluate(
+        "(performance.getEntriesByName('first-contentful-paint')[0] || {startTime: NaN}).startTime"
+    )
     expand = [page.evaluate(_EXPAND_JS, i) for i in range(expands)]
     end = page.evaluate(_END_JS)
     return {

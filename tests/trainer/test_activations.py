@@ -20,7 +20,8 @@ def test_contexts_have_bos_prefix_no_specials_and_stay_inside_documents(lm, tiny
         rows = ids[ctx.docs_C2[:, 0] == doc_no, 1:]
         tokens = rows[rows != PAD]
         text = (tiny_corpus / name).read_text()
-        expected = [t for t in lm.tokenizer(text, add_special_tokens=False)["input_ids"] if t not in lm.special_ids]
+        ids_all = lm.tokenizer(text, add_special_tokens=False)["input_ids"]
+        expected = [t for t in ids_all if t not in lm.special_ids]
         assert tokens.tolist() == expected
     # Padding only ever trails.
     for row in ids:
@@ -141,9 +142,18 @@ def test_activation_file_npy_and_safetensors(tmp_path):
 @pytest.mark.parametrize(
     "make, message",
     [
-        (lambda p: np.save(p / "x.npy", np.zeros((3, 4, 5), np.float32)), r"2-D \[N, d\] matrix, got shape \(3, 4, 5\)"),
-        (lambda p: np.save(p / "x.npy", np.array([[1.0, np.nan], [0.0, 1.0]])), "NaN or inf \\(first at row 0\\)"),
-        (lambda p: np.save(p / "x.npy", np.array([[1.0, 2.0], [np.inf, 1.0]])), "NaN or inf \\(first at row 1\\)"),
+        (
+            lambda p: np.save(p / "x.npy", np.zeros((3, 4, 5), np.float32)),
+            r"2-D \[N, d\] matrix, got shape \(3, 4, 5\)",
+        ),
+        (
+            lambda p: np.save(p / "x.npy", np.array([[1.0, np.nan], [0.0, 1.0]])),
+            "NaN or inf \\(first at row 0\\)",
+        ),
+        (
+            lambda p: np.save(p / "x.npy", np.array([[1.0, 2.0], [np.inf, 1.0]])),
+            "NaN or inf \\(first at row 1\\)",
+        ),
         (lambda p: np.save(p / "x.npy", np.zeros((3, 4), np.int64)), "must be floating point"),
         (lambda p: np.save(p / "x.npy", np.zeros((0, 4), np.float32)), "are empty"),
         (lambda p: (p / "x.npy").write_bytes(b"not numpy"), "not a readable .npy file"),

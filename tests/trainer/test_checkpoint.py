@@ -149,7 +149,9 @@ def _killed_mid_swap(prepared, tmp_path):
 
 
 def _snapshot(folder):
-    return sorted((str(p.relative_to(folder)), p.stat().st_ino, p.stat().st_mtime_ns) for p in folder.rglob("*"))
+    return sorted(
+        (str(p.relative_to(folder)), p.stat().st_ino, p.stat().st_mtime_ns) for p in folder.rglob("*")
+    )
 
 
 def test_reading_never_renames_or_deletes(prepared, tmp_path):
@@ -193,8 +195,11 @@ def test_open_gives_a_typed_handle(prepared, tmp_path):
     ckpt = checkpoint.open(run)
     assert ckpt.model.level_widths == prepared.level_widths and not ckpt.model.training
     assert ckpt.arch == prepared.arch and ckpt.d_in == D_IN and ckpt.level_widths == prepared.level_widths
-    assert ckpt.model_info == checkpoint.ModelInfo(MODEL_INFO["name"], MODEL_INFO["layer"], MODEL_INFO["hook"])
-    assert (ckpt.data_info.corpus_spec, ckpt.data_info.context_len, ckpt.data_info.tokens) == ("demo", 32, 500)
+    assert ckpt.model_info == checkpoint.ModelInfo(
+        MODEL_INFO["name"], MODEL_INFO["layer"], MODEL_INFO["hook"]
+    )
+    data_info = ckpt.data_info
+    assert (data_info.corpus_spec, data_info.context_len, data_info.tokens) == ("demo", 32, 500)
     assert ckpt.data_info.activations is None
     assert (ckpt.step, ckpt.finished, ckpt.batch_size, ckpt.seed) == (7, True, 64, 3)
     assert ckpt.max_norm == 12.5 and ckpt.max_norm_multiple == 10.0
@@ -203,7 +208,9 @@ def test_open_gives_a_typed_handle(prepared, tmp_path):
     checkpoint.write_metrics(run, {"explained_variance": 0.5})
     assert checkpoint.read_info(run).metrics == {"explained_variance": 0.5}
 
-    plain = save_checkpoint(tmp_path / "plain", prepared, model_info={}, training={"step": 1, "max_norm": None})
+    plain = save_checkpoint(
+        tmp_path / "plain", prepared, model_info={}, training={"step": 1, "max_norm": None}
+    )
     info = checkpoint.read_info(plain)
     assert info.max_norm == math.inf and info.model_info == checkpoint.ModelInfo()
     assert info.data_info == checkpoint.DataInfo()

@@ -87,9 +87,18 @@ def test_encode_reads_the_whole_activations_file_unless_tokens_limits_it(tmp_pat
         (["--corpus", "{missing}"], r"does not exist"),
         (["--activations", "{rank3}"], r"2-D \[N, d\] matrix"),
         (["--activations", "{nan}"], r"NaN or inf"),
-        (["--activations", "{acts}", "--arch", "topk", "--width", "8", "--k", "16"], r"k .*16.* width .*8|width"),
-        (["--activations", "{acts}", "--arch", "moe", "--width", "8", "--k", "2", "--subspace", "64"], r"subspace"),
-        (["--activations", "{acts}", "--arch", "moe", "--width", "8", "--k", "2", "--children", "0"], r"children"),
+        (
+            ["--activations", "{acts}", "--arch", "topk", "--width", "8", "--k", "16"],
+            r"k .*16.* width .*8|width",
+        ),
+        (
+            ["--activations", "{acts}", "--arch", "moe", "--width", "8", "--k", "2", "--subspace", "64"],
+            r"subspace",
+        ),
+        (
+            ["--activations", "{acts}", "--arch", "moe", "--width", "8", "--k", "2", "--children", "0"],
+            r"children",
+        ),
         (["--activations", "{acts}", "--arch", "tree", "--levels", "64,32"], r"increasing"),
         (["--activations", "{acts}", "--arch", "tree", "--levels", "a,b"], r"comma-separated integers"),
     ],
@@ -102,8 +111,8 @@ def test_bad_input_is_one_line_and_overwrites_nothing(tmp_path, acts_file, args,
     np.save(tmp_path / "rank3.npy", np.zeros((4, 4, 4), np.float32))
     np.save(tmp_path / "nan.npy", np.array([[0.0, np.nan]], np.float32))
     paths = {"empty": tmp_path / "empty", "blank": tmp_path / "blank", "notext": tmp_path / "docs.jsonl",
-             "missing": tmp_path / "missing.txt", "rank3": tmp_path / "rank3.npy", "nan": tmp_path / "nan.npy",
-             "acts": acts_file}
+             "missing": tmp_path / "missing.txt", "rank3": tmp_path / "rank3.npy",
+             "nan": tmp_path / "nan.npy", "acts": acts_file}
     out = tmp_path / "existing-run"
     out.mkdir()
     (out / "keep.txt").write_text("precious")
@@ -177,8 +186,8 @@ def test_preset_is_applied_and_recorded(tmp_path, acts_file):
     runs = {}
     for preset in ("paper", None):
         out = tmp_path / f"run-{preset}"
-        args = ["train", "--arch", "moe", "--activations", acts_file, "--width", 16, "--k", 2, "--children", 4,
-                "--steps", 10, "--batch", 128, "--out", out, "--device", "cpu"]
+        args = ["train", "--arch", "moe", "--activations", acts_file, "--width", 16, "--k", 2,
+                "--children", 4, "--steps", 10, "--batch", 128, "--out", out, "--device", "cpu"]
         proc = hsae(*args, *(["--preset", preset] if preset else []))
         assert proc.returncode == 0, proc.stderr
         runs[preset] = json.loads((out / "cfg.json").read_text())

@@ -22,7 +22,8 @@ print(json.dumps(sorted(name for name in sys.modules
 
 
 def test_no_trainer_module_imports_the_backend_or_sqlalchemy():
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    pythonpath = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": pythonpath}
     proc = subprocess.run([sys.executable, "-c", IMPORT_EVERYTHING], capture_output=True, text=True, env=env,
                           timeout=300, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -13,8 +13,8 @@ so its direction is that of the mean reconstruction it and its parent give while
 
 Measured (data seed 0, model seed 0; in brackets the range over 4 seed pairs: (0,0), (1,0), (0,1), (2,2)):
   moe    edge precision 0.89, recall 0.95 (project preset: experts initialised from data; with the paper's
-         random init 0.99 [0.96-1.00] and 0.81 [0.77-0.83]); P(parent|child) 1 by design, P(any child | parent)
-         0.99: a kept child whose leaky value is not > 0 is not active
+         random init 0.99 [0.96-1.00] and 0.81 [0.77-0.83]); P(parent|child) 1 by design,
+         P(any child | parent) 0.99: a kept child whose leaky value is not > 0 is not active
   tree   edge precision 0.98 [0.98-1.00], recall 0.86 [0.73-0.92]  (the defaults: co-activation re-assignment)
          own tree:           P(parent|child) 0.975 [0.943-0.989], Hamming (Jaccard) 0.071 [0.030-0.164]
   topk + posthoc (co-activation tree): P(parent|child) 0.956 [0.940-0.981], Hamming 0.109 [0.036-0.170]

@@ -1,6 +1,6 @@
 """Indexing a checkpoint: streaming per-feature statistics (accumulate), decoder-direction statistics
-(directions), the contexts examples show (contexts), and the whole pass over a corpus (pipeline), which ends at
-plain data. Writing it to a database is the backend's (backend/index)."""
+(directions), the contexts examples show (contexts), and the whole pass over a corpus (pipeline), which ends
+at plain data. Writing it to a database is the backend's (backend/index)."""
 
 from trainer.index.accumulate import IndexAccumulator, IndexConfig, IndexResult
 from trainer.index.contexts import ContextProvider, ContextRecord, ContextStore

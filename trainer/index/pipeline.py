@@ -78,7 +78,9 @@ def index_run(
     model, model_info = ckpt.model, ckpt.model_info
     run_dir = ckpt.run_dir.resolve()
     if not model_info.name:
-        raise HSAEError(f"{run_dir} was trained without a language model; indexing needs one to show contexts")
+        raise HSAEError(
+            f"{run_dir} was trained without a language model; indexing needs one to show contexts"
+        )
     if tokens < 1:
         raise HSAEError(f"--tokens must be positive, got {tokens}")
     name = check_run_name(name or run_dir.name)
@@ -126,7 +128,9 @@ def index_run(
     unembed_VD = _unembedding(lm).cpu()
     output_tokens = [top_output_tokens(d, unembed_VD, lambda i: display[int(i)]) for d in decoders]
     edges = result.edges()
-    cosines = decoder_cosines(decoders, edges.parent_level, edges.parent_idx, edges.child_level, edges.child_idx)
+    cosines = decoder_cosines(
+        decoders, edges.parent_level, edges.parent_idx, edges.child_level, edges.child_idx
+    )
     info = RunInfo(
         name=name,
         model_name=model_info.name,
@@ -147,7 +151,8 @@ def index_run(
 def _encode(
     model, acts_ND: np.ndarray, device: torch.device, max_norm: float
 ) -> tuple[list[tuple[np.ndarray, np.ndarray]], int]:
-    """Per level (indices, values) of every row, none active on massive activations; and how many those were."""
+    """Per level (indices, values) of every row, none active on massive activations; and how many those
+    were."""
     per_level: list[tuple[list, list]] = [([], []) for _ in model.level_widths]
     outliers = 0
     for lo in range(0, len(acts_ND), ENCODE_ROWS):
