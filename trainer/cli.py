@@ -46,7 +46,9 @@ def train_cmd(
     corpus: Corpus = None,
     activations: Activations = None,
     tokens: Annotated[
-        int | None, typer.Option(help="Tokens of activations to draw from the corpus [default: 200000].")
+        int | None,
+        typer.Option(help="Tokens of activations to draw from the corpus [default: 200000], or rows to read "
+                          "from an --activations file [default: all]."),
     ] = None,
     out: Annotated[
         Path | None, typer.Option(help="Run directory [default: data/runs/<arch>-<time>].")
@@ -94,7 +96,8 @@ def train_cmd(
     )
     data = DataSpec(
         model=model or DataSpec.model, layer=15 if layer is None else layer, corpus=corpus,
-        activations=str(activations) if activations else None, tokens=tokens or DEFAULT_TOKENS, device=device,
+        activations=str(activations) if activations else None,
+        tokens=tokens if tokens is not None or activations else DEFAULT_TOKENS, device=device,
     )
     run_dir = run_training(data, run_cfg, out, resume=resume)
     print(run_dir)

@@ -76,6 +76,19 @@ def test_encode_reads_the_whole_activations_file_unless_tokens_limits_it(tmp_pat
     assert load_file(codes)["level_0_values"].shape == (300, 2)
 
 
+def test_train_reads_the_whole_activations_file_unless_tokens_limits_it(tmp_path):
+    """The corpus default of 200,000 tokens must not cut a matrix file short either."""
+    big = tmp_path / "big.npy"
+    np.save(big, np.random.default_rng(2).standard_normal((200_100, 8)).astype(np.float32))
+    for tokens, rows in ((None, 200_100), (1_000, 1_000)):
+        out = tmp_path / f"run-{tokens}"
+        limit = ["--tokens", tokens] if tokens else []
+        proc = hsae("train", "--arch", "topk", "--activations", big, "--width", 8, "--k", 2, "--steps", 1,
+                    "--batch", 64, "--out", out, "--device", "cpu", *limit)
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads((out / "cfg.json").read_text())["data"]["rows"] == rows
+
+
 @pytest.mark.parametrize(
     "args, pattern",
     [
