@@ -21,7 +21,6 @@ import sys
 import time
 from pathlib import Path
 
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from trainer.synthetic import FAMILY, Job, judge_in_parallel  # noqa: E402
@@ -50,9 +49,10 @@ def main() -> None:
     parser.add_argument("--variants", default="", help="comma-separated variant names (default: all)")
     args = parser.parse_args()
     gens = [s for s in FAMILY if not args.only or s.name in args.only.split(",")]
-    variants = {k: v for k, v in VARIANTS.items() if not args.variants or k.strip() in args.variants.split(",")}
-    print(f"device: cpu (1 thread per model, {os.cpu_count()} processes), {args.steps} steps of {args.batch}, "
-          f"{args.rows} rows, seeds 0..{args.seeds - 1}")
+    wanted = args.variants.split(",") if args.variants else None
+    variants = {k: v for k, v in VARIANTS.items() if wanted is None or k.strip() in wanted}
+    print(f"device: cpu (1 thread per model, {os.cpu_count()} processes), {args.steps} steps of "
+          f"{args.batch}, {args.rows} rows, seeds 0..{args.seeds - 1}")
     print("cells: parents found / children found / edge precision, mean over seeds (min children)")
     header = f"{'variant':28s}" + "".join(f"{g.name:>24s}" for g in gens)
     print(header)
@@ -62,14 +62,14 @@ def main() -> None:
                 for g in gens for s in range(args.seeds)]
         results = iter(judge_in_parallel(jobs))
         cells = []
-        for g in gens:
+        for _ in gens:  # the jobs were made generator by generator, seeds inside
             runs = [next(results) for _ in range(args.seeds)]
             mean = [sum(getattr(r, f) for r in runs) / len(runs)
                     for f in ("parents_found", "children_found", "edge_precision")]
             low = min(r.children_found for r in runs)
             cells.append(f"{mean[0]:.2f}/{mean[1]:.2f}/{mean[2]:.2f} ({low:.2f})")
-        print(f"{name:28s}" + "".join(f"{c:>24s}" for c in cells) + f"   [{time.perf_counter() - start:.0f}s]",
-              flush=True)
+        took = f"   [{time.perf_counter() - start:.0f}s]"
+        print(f"{name:28s}" + "".join(f"{c:>24s}" for c in cells) + took, flush=True)
 
 
 if __name__ == "__main__":

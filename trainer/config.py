@@ -83,7 +83,8 @@ class ArchConfig:
     """`tree`: how a child picks its parent at each re-assignment: the parent it fires with most often
     (P(parent | child) over `reassign_tokens` training rows encoded by the current model), or the parent
     whose encoder (the paper's main text) or decoder vector is most cosine-similar. The paper's ablation
-    found the three equivalent; on the synthetic hierarchy of the tests co-activation gives the better tree."""
+    found the three equivalent; on the synthetic hierarchy of the tests co-activation gives the better
+    tree."""
 
     reassign_tokens: int = 16384
     """Training rows encoded at each re-assignment (`tree` with `assign_by=coactivation`: to count
@@ -195,7 +196,8 @@ class ArchConfig:
             fractions = [float(f) for f in getattr(self, name)]
             setattr(self, name, fractions)
             _check(
-                all(0 < f < 1 for f in fractions), f"{name} must hold fractions of the run in (0, 1), got {fractions}"
+                all(0 < f < 1 for f in fractions),
+                f"{name} must hold fractions of the run in (0, 1), got {fractions}",
             )
         _check(self.reassign_tokens >= 1, f"reassign_tokens must be >= 1, got {self.reassign_tokens}")
         _check(self.aux_k is None or self.aux_k >= 1, f"aux_k must be >= 1, got {self.aux_k}")
@@ -332,7 +334,8 @@ class TrainConfig:
         return _from_dict(cls, data)
 
 
-# Per preset and architecture, the fields that differ from the dataclass defaults ({"arch": ..., "train": ...}).
+# Per preset and architecture, the fields that differ from the dataclass defaults
+# ({"arch": ..., "train": ...}).
 # The project's defaults differ from the papers' where measurement on the synthetic family said so; the README
 # ("Presets") has the figures.
 PRESETS: dict[str, dict[str, dict[str, dict[str, Any]]]] = {

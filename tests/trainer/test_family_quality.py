@@ -8,11 +8,11 @@ process per core. The floors below sit under the worst of the 3 seeds measured f
 bench/bench_family.py for the ablation and the paper preset):
 
   moe          parents          children         edge precision    (seeds 0 / 1 / 2, this 2-core CPU)
-  centred      0.81 1.00 0.88   0.66 0.83 0.78   0.93 0.94 0.84
-  leaning      1.00 1.00 1.00   0.98 0.77 0.79   1.00 1.00 1.00
-  uneven       0.96 0.79 0.96   0.84 0.67 0.81   0.99 0.95 0.95
-  raw-scale    0.97 1.00 1.00   0.96 1.00 1.00   1.00 1.00 1.00
-  orthogonal   0.90 0.90 1.00   0.77 0.79 0.80   0.90 0.93 0.95
+  centred      0.75 1.00 0.94   0.91 0.94 0.86   0.78 0.90 0.93
+  leaning      1.00 1.00 0.96   0.98 0.90 0.89   1.00 0.98 1.00
+  uneven       0.96 0.88 0.96   0.86 0.76 0.87   0.96 1.00 0.95
+  raw-scale    1.00 1.00 0.97   0.99 1.00 0.97   1.00 1.00 0.99
+  orthogonal   0.95 0.90 1.00   0.79 0.83 0.83   0.89 0.91 0.94
   tree
   centred      0.94 1.00 1.00   1.00 1.00 0.98   0.91 0.92 0.90
   leaning      1.00 1.00 1.00   0.98 1.00 1.00   1.00 1.00 1.00
@@ -21,9 +21,10 @@ bench/bench_family.py for the ablation and the paper preset):
   orthogonal   1.00 0.95 0.95   0.99 1.00 0.97   0.86 0.86 0.79
 The issue's goal (≥ 0.9 children, ≥ 0.95 parents, edge precision ≥ 0.9 on every generator) is met by the tree
 on `leaning` and `raw-scale`, by neither everywhere. What is left is the top level: spare parents split a
-true parent between them (the MoE on `centred` and `orthogonal`; the tree on `uneven` and `orthogonal`, whose
-wrong edges all hang a correct child under a fragment of its true parent that fires on less than half of
-the parent's rows). Those floors say what holds today.
+true parent between them (the MoE on `centred`; the tree on `uneven` and `orthogonal`, whose wrong edges all
+hang a correct child under a fragment of its true parent that fires on less than half of the parent's
+rows); and the MoE splits a true child between two slots of its expert where a parent has fewer children than
+slots (`uneven`, `orthogonal`: 2-8 and 2-6 children in 8 and 6 slots). Those floors say what holds today.
 """
 
 from __future__ import annotations
@@ -39,11 +40,11 @@ pytestmark = pytest.mark.slow
 SEEDS = (0, 1, 2)
 # (arch, generator) -> (parents, children, edge precision) that every seed must reach
 FLOORS = {
-    ("moe", "centred"): (0.75, 0.6, 0.8),
-    ("moe", "leaning"): (0.95, 0.7, 0.95),
-    ("moe", "uneven"): (0.75, 0.6, 0.9),
-    ("moe", "raw-scale"): (0.95, 0.9, 0.95),
-    ("moe", "orthogonal"): (0.85, 0.7, 0.85),
+    ("moe", "centred"): (0.7, 0.8, 0.75),
+    ("moe", "leaning"): (0.95, 0.85, 0.95),
+    ("moe", "uneven"): (0.85, 0.7, 0.9),
+    ("moe", "raw-scale"): (0.95, 0.95, 0.95),
+    ("moe", "orthogonal"): (0.85, 0.75, 0.85),
     ("tree", "centred"): (0.9, 0.95, 0.85),
     ("tree", "leaning"): (0.95, 0.95, 0.95),
     ("tree", "uneven"): (0.8, 0.85, 0.85),

@@ -9,7 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from tests.trainer.helpers import D_IN, tiny_arch_config
 from trainer.coactivation import CoFiring
 from trainer.config import ArchConfig
-from trainer.models import LevelCode, build_model
+from trainer.models import build_model
 from trainer.models.base import unit_rows
 from trainer.models.moe import cross_orthogonality, grouped_matvec
 
@@ -346,6 +346,43 @@ def test_moe_experts_initialised_from_data_split_each_parent_into_its_true_child
         values, counts = learned[rows].unique(return_counts=True)
         assert counts.max().item() / rows.sum().item() > 0.98, (true, values, counts)
     assert len(learned.unique()) == 2 * C  # and no two true children share a learned one
+
+
+def test_moe_expert_subspaces_avoid_the_residual_every_token_shares():
+    """Real residual streams leave a part unexplained on every token. Plain principal directions of each
+    expert's residuals would be that shared part, the same for all experts, and k experts adding it at once
+    wrecked the reconstruction on SmolLM2 (explained variance -93 right after a round); the subspace is
+    where an expert's tokens leave more than tokens at large, and the fresh encoders are sized so that the
+    sample's reconstruction gets better, not worse."""
+    from trainer.models.moe import init_experts
+
+    d, C = 24, 3
+    g = torch.Generator().manual_seed(1)
+    basis = torch.linalg.qr(torch.randn(d, d, generator=g)).Q.T
+    parents, planes, shared = basis[:2], basis[2:6].view(2, 2, d), basis[6]
+    angles = torch.tensor([0.0, 2.0944, 4.1888])
+    children = angles.cos()[None, :, None] * planes[:, :1] + angles.sin()[None, :, None] * planes[:, 1:]
+    p = torch.randint(0, 2, (3000,), generator=g)
+    c = torch.randint(0, C, (3000,), generator=g)
+    x = parents[p] + 0.5 * children[p, c] + 0.8 * torch.randn(3000, 1, generator=g) * shared
+    model = build_model(ArchConfig(arch="moe", width=2, k=1, children=C, subspace=2, center=False), d, seed=0)
+    with torch.no_grad():
+        model.W_dec_FD.copy_(parents)
+        model.W_enc_DF.copy_(parents.T)
+    x_n = model.normalize(x)[0]
+
+    def recon_error():
+        codes, kept, _, _ = model._codes(x_n)
+        return float((x_n - model.decode(codes, level=0) - model._decode_child_code(kept)).pow(2).sum())
+
+    before = recon_error()
+    assert init_experts(model, x_n, only_starved=False) == 2
+    for j in range(2):
+        subspace = model.P_down_FSD[j].detach()
+        assert (subspace @ planes[j].T).pow(2).sum() / 2 > 0.95  # its own children's plane
+        assert (subspace @ shared).pow(2).sum() < 0.05  # not the shared part
+    assert recon_error() < before
+
 
 
 def test_tree_child_data_init_gives_every_true_child_its_own_latent():

@@ -143,7 +143,8 @@ class HSAE(nn.Module):
         return x_hat_BD / scale_B1 + self.input_mean_D.to(x_hat_BD.dtype)
 
     def centers_inputs(self) -> bool:
-        """Whether `fit_normalization` estimates a mean to subtract (an architecture without a decoder bias)."""
+        """Whether `fit_normalization` estimates a mean to subtract (for an architecture without a decoder
+        bias)."""
         return False
 
     @torch.no_grad()
@@ -159,7 +160,8 @@ class HSAE(nn.Module):
         if self.normalization == "unit_norm":
             centered = self.centers_inputs()
             first = "the training data's mean (input_mean_D) subtracted, then " if centered else ""
-            return {"kind": "unit_norm", "centered": centered, "description": first + "every token scaled to norm 1"}
+            description = first + "every token scaled to norm 1"
+            return {"kind": "unit_norm", "centered": centered, "description": description}
         return {
             "kind": "constant",
             "scale": float(self.input_scale),
@@ -238,8 +240,8 @@ class HSAE(nn.Module):
 
     def reassign(self, sample_raw_ND: Tensor | None = None, step: int = 0) -> list[nn.Parameter]:
         """Rebuilds the architecture's tree, from `reassign_tokens()` raw training rows when it wants any;
-        `step` is the one `reassign_due` said yes to. Returns the parameters it re-initialised, whose optimizer
-        state the loop then clears."""
+        `step` is the one `reassign_due` said yes to. Returns the parameters it re-initialised, whose
+        optimizer state the loop then clears."""
         return []
 
     # ---- checkpoint ----------------------------------------------------------------------------------
@@ -256,20 +258,29 @@ class HSAE(nn.Module):
 
 
 KMEANS_ITERS = 20
+KMEANS_RESTARTS = 3
 
 
 def spherical_kmeans(u_NS: Tensor, n: int, generator: torch.Generator) -> Tensor:
-    """[n, S] unit centroids of the directions of `u_NS` (k-means++ seeding, then Lloyd steps on cosine)."""
+    """[n, S] unit centroids of the directions of `u_NS`: Lloyd steps on cosine from k-means++ seeds, the
+    best of KMEANS_RESTARTS starts by Σ ‖u‖·cos(u, its centroid) (one start can merge two well-separated
+    clusters and split a third)."""
     unit_NS = unit_rows(u_NS)
-    first = torch.randint(len(unit_NS), (1,), generator=generator, device=u_NS.device)
-    centroids = [unit_NS[first[0]]]
-    for _ in range(n - 1):
-        gap_N = (1 - (unit_NS @ torch.stack(centroids).T).max(-1).values).clamp_min(0) + 1e-9
-        centroids.append(unit_NS[torch.multinomial(gap_N, 1, generator=generator)[0]])
-    centroids_CS = torch.stack(centroids)
-    for _ in range(KMEANS_ITERS):
-        assign_N = (unit_NS @ centroids_CS.T).argmax(-1)
-        sums_CS = torch.zeros_like(centroids_CS).index_add_(0, assign_N, u_NS)
-        norms_C1 = sums_CS.norm(dim=-1, keepdim=True)
-        centroids_CS = torch.where(norms_C1 > 0, sums_CS / norms_C1.clamp_min(EPS), centroids_CS)
-    return centroids_CS
+    norms_N = u_NS.norm(dim=-1)
+    best, best_score = None, -float("inf")
+    for _ in range(KMEANS_RESTARTS):
+        first = torch.randint(len(unit_NS), (1,), generator=generator, device=u_NS.device)
+        centroids = [unit_NS[first[0]]]
+        for _ in range(n - 1):
+            gap_N = (1 - (unit_NS @ torch.stack(centroids).T).max(-1).values).clamp_min(0) + 1e-9
+            centroids.append(unit_NS[torch.multinomial(gap_N, 1, generator=generator)[0]])
+        centroids_CS = torch.stack(centroids)
+        for _ in range(KMEANS_ITERS):
+            assign_N = (unit_NS @ centroids_CS.T).argmax(-1)
+            sums_CS = torch.zeros_like(centroids_CS).index_add_(0, assign_N, u_NS)
+            norms_C1 = sums_CS.norm(dim=-1, keepdim=True)
+            centroids_CS = torch.where(norms_C1 > 0, sums_CS / norms_C1.clamp_min(EPS), centroids_CS)
+        score = float((norms_N * (unit_NS @ centroids_CS.T).max(-1).values).sum())
+        if score > best_score:
+            best, best_score = centroids_CS, score
+    return best

@@ -71,9 +71,13 @@ def grouped_matvec(x_BD: Tensor, tokens_N: Tensor, experts_N: Tensor, W_EOD: Ten
 
 @torch.no_grad()
 def init_experts(model: MoEHSAE, x_BD: Tensor, only_starved: bool) -> int:
-    """Re-initialises experts from data: for each parent j, the residuals x − x̂_top of the sample tokens
-    where j fires give the subspace (P↓_j = P↑_jᵀ = their top-s principal directions) and the children
-    (E_j = D_j = spherical k-means centroids of the residuals in that subspace, k-means++ seeded).
+    """Re-initialises experts from data. For each parent j, the residuals x − x̂_top of the sample tokens
+    where j fires give the subspace: P↓_j = P↑_jᵀ span the s directions where j's residuals exceed the
+    residuals of all sample tokens most (principal directions after whitening by the sample's residual
+    second moment; plain principal directions would be the residual every token shares). Children: spherical
+    k-means centroids of the residuals in that subspace (k-means++ seeded) are D_j and, times the factor
+    that reads each token's residual along its nearest centroid from P↓_j x best, E_j. Finally the fresh
+    encoders are scaled as the sample's reconstruction asks (`_calibrate`).
 
     Why: the argmax child is a vector quantiser of the residual in the subspace, and quantisers trained by
     gradient from random codebooks collapse. Measured on the synthetic family (bench/bench_family.py), a
@@ -96,21 +100,67 @@ def init_experts(model: MoEHSAE, x_BD: Tensor, only_starved: bool) -> int:
         use_FC = torch.bincount(kept.indices[on], minlength=model.n_parents * C).view(-1, C).float()
         starved_F = (use_FC < use_FC.sum(1, keepdim=True) / (4 * C)).any(1)
     generator = torch.Generator(device=x_BD.device).manual_seed(int(counts_F.sum()))
-    redone = 0
+    whiten_DD = _inverse_sqrt(residual_BD.T @ residual_BD / len(residual_BD))
+    redone = []
     for j, n in enumerate(counts_F.tolist()):
         if n < 4 * C or (only_starved and not bool(starved_F[j])):
             continue
-        R_nD = residual_BD[tokens_N[starts_F[j] : starts_F[j] + n]]
-        basis_SD = torch.linalg.svd(R_nD, full_matrices=False).Vh[:S]
-        if basis_SD.shape[0] < S:
+        tokens_n = tokens_N[starts_F[j] : starts_F[j] + n]
+        R_nD = residual_BD[tokens_n]
+        # the directions where j's tokens leave more unexplained than tokens at large do: plain principal
+        # directions of real activations are the residual every token shares, the same for every expert,
+        # and k experts adding it at once wreck the reconstruction
+        specific_SD = torch.linalg.svd(R_nD @ whiten_DD, full_matrices=False).Vh[:S] @ whiten_DD
+        if specific_SD.shape[0] < S:
             continue
-        centroids_CS = spherical_kmeans(R_nD @ basis_SD.T, C, generator)
+        basis_SD = torch.linalg.qr(specific_SD.T).Q.T
+        r_nS = R_nD @ basis_SD.T
+        centroids_CS = spherical_kmeans(r_nS, C, generator)
+        # encoder: the centroids (the argmax child is then the nearest one), times the least-squares factor
+        # that reads, from the input's projection (what the expert sees), each token's residual along its
+        # nearest centroid (what its child should add). A least-squares read-out per child would mask most
+        # of them: 16 classes in 4 dimensions, a few always win the argmax.
+        nearest_n = (unit_rows(r_nS) @ centroids_CS.T).argmax(-1)
+        target_n = (r_nS * centroids_CS[nearest_n]).sum(-1).clamp_min(0)
+        read_n = ((x_BD[tokens_n] @ basis_SD.T) * centroids_CS[nearest_n]).sum(-1)
+        gain = float((read_n * target_n).sum() / read_n.pow(2).sum().clamp_min(EPS))
         model.P_down_FSD[j] = basis_SD
         model.P_up_FSD[j] = basis_SD
-        model.E_enc_FCS[j] = centroids_CS
+        model.E_enc_FCS[j] = centroids_CS * max(gain, 0.0)
         model.D_dec_FCS[j] = centroids_CS
-        redone += 1
-    return redone
+        redone.append(j)
+    if redone:
+        _calibrate(model, x_BD, torch.tensor(redone, device=x_BD.device))
+    return len(redone)
+
+
+CALIBRATION_SCALES = (1.0, 0.5, 0.25, 0.125, 0.0625)
+
+
+def _calibrate(model: MoEHSAE, x_BD: Tensor, experts: Tensor) -> float:
+    """Scales the fresh experts' encoders by the factor of CALIBRATION_SCALES that reconstructs the sample
+    best (as training does: parents plus kept children), and returns it. Each fresh expert is fitted alone,
+    but k of them add up on every token; on real activations that overshoot briefly wrecked the
+    reconstruction (explained variance from 0.66 to -1.0 for a few steps after a round)."""
+    fresh_FCS = model.E_enc_FCS[experts].clone()
+
+    def error(scale: float) -> float:
+        model.E_enc_FCS[experts] = fresh_FCS * scale
+        codes, kept, _, _ = model._codes(x_BD)
+        x_hat_BD = model.decode(codes, level=0) + model._decode_child_code(kept)
+        return float((x_BD - x_hat_BD).pow(2).sum())
+
+    best = min(CALIBRATION_SCALES, key=error)
+    model.E_enc_FCS[experts] = fresh_FCS * best
+    return best
+
+
+def _inverse_sqrt(moment_DD: Tensor) -> Tensor:
+    """(M + m·I)^{-1/2} of a symmetric positive semi-definite matrix, m its mean eigenvalue: shrunk, so that
+    directions in which almost nothing is left anywhere are not blown up into the most specific ones."""
+    values_D, vectors_DD = torch.linalg.eigh(moment_DD.double())
+    values_D = values_D.clamp_min(0) + values_D.clamp_min(0).mean()
+    return ((vectors_DD * values_D.rsqrt()) @ vectors_DD.T).to(moment_DD.dtype)
 
 
 def cross_orthogonality(W_enc_DF: Tensor, W_dec_FD: Tensor) -> Tensor:
@@ -180,8 +230,8 @@ class MoEHSAE(HSAE):
         return h_NC, value_N, slot_N
 
     def _decode_children(self, experts_BK: Tensor, slots_BK: Tensor, values_BK: Tensor) -> Tensor:
-        """Σ_k P↑_j D_j[:, c] · value via one embedding_bag over the [F·S, D] rows of P↑: it reads K·S rows per
-        token and its backward writes only those (11 ms forward + backward at the sizes measured for
+        """Σ_k P↑_j D_j[:, c] · value via one embedding_bag over the [F·S, D] rows of P↑: it reads K·S rows
+        per token and its backward writes only those (11 ms forward + backward at the sizes measured for
         `grouped_matvec`, against 680 ms for a gather of P↑_j per pair and a bmm)."""
         B, K = experts_BK.shape
         S = self.subspace_dim
