@@ -12,7 +12,7 @@ import torch
 
 from backend.settings import get_settings
 from trainer import checkpoint
-from trainer.config import ArchConfig, RunConfig, TrainConfig
+from trainer.config import RunConfig
 from trainer.corpus import demo_corpus_path
 from trainer.lm import converted_default_model
 from trainer.sources import DataSpec
@@ -74,6 +74,15 @@ def _indexed(db_url: str, digest: str) -> bool:
         engine.dispose()
 
 
+def demo_run_config(size: DemoSize) -> RunConfig:
+    """What `hsae train` would compose from the demo's sizes: the project preset fills in the rest."""
+    return RunConfig.compose(
+        {"arch": "moe", "width": size.width, "k": size.k, "children": size.children,
+         "subspace": size.subspace},
+        {"batch_size": size.batch, "steps": size.steps, "seed": 0, "checkpoint_every": 250},
+    )
+
+
 def run_demo(
     host: str = "127.0.0.1", port: int = 8000, serve: bool = True, size: DemoSize | None = None
 ) -> Path:
@@ -99,12 +108,7 @@ def run_demo(
     if _run_matches(run_dir, size):
         print(f"   reusing {run_dir}")
     else:
-        run_cfg = RunConfig(
-            ArchConfig(
-                arch="moe", width=size.width, k=size.k, children=size.children, subspace=size.subspace
-            ),
-            TrainConfig(batch_size=size.batch, steps=size.steps, seed=0, checkpoint_every=250),
-        )
+        run_cfg = demo_run_config(size)
         resume = checkpoint.is_checkpoint(run_dir)
         run_training(DataSpec(corpus="demo", tokens=size.tokens), run_cfg, run_dir, resume=resume)
     timings["train"] = time.perf_counter() - t

@@ -5,6 +5,7 @@ slow."""
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -23,6 +24,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     return _SESSION_DATA
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    """The session's data folder goes when the session ends (its model and corpus links only unlinked)."""
+    shutil.rmtree(_SESSION_DATA, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

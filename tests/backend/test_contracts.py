@@ -31,3 +31,16 @@ def test_level_and_index_bounds_are_defined_once():
     offenders = [path for path, text in _sources("backend").items()
                  if pattern.search(text) and path != "backend/api/schemas.py"]
     assert offenders == []
+
+
+def test_the_demo_trains_with_what_hsae_train_composes():
+    """The demo's run is the project preset, as `hsae train` with the same sizes would make it (it once built
+    its config by hand and so missed the preset's learning rate)."""
+    from backend.demo import CPU_SIZE, GPU_SIZE, demo_run_config
+    from trainer.config import PRESETS
+
+    for size in (CPU_SIZE, GPU_SIZE):
+        run_cfg = demo_run_config(size)
+        assert run_cfg.arch.preset == "project" and run_cfg.arch.width == size.width
+        assert run_cfg.train.lr == PRESETS["project"]["moe"]["train"]["lr"]
+        assert run_cfg.arch.center and run_cfg.arch.expert_init_at
