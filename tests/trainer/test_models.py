@@ -414,3 +414,31 @@ def test_tree_child_data_init_gives_every_true_child_its_own_latent():
     assert after.parents_found == 1.0 and after.children_found >= 0.9, after
     assert after.edge_precision == 1.0 and after.edge_recall >= 0.9, after
     assert (torch.bincount(model.parent_of(1), minlength=P) == per_parent).all()  # every parent its share
+
+
+def test_tree_level_init_keeps_the_old_weights_when_the_fresh_ones_reconstruct_far_worse(monkeypatch):
+    """`init_level` never costs a level more than MAX_ERROR_GROWTH of its reconstruction error: with no growth
+    allowed, a level whose fresh children reconstruct worse keeps every weight and its tree."""
+    import trainer.models.tree as tree_module
+    from trainer.synthetic import FAMILY, make
+
+    spec = next(s for s in FAMILY if s.name == "leaning")
+    truth = make(spec, n_rows=8_000, seed=0)
+    P = spec.n_parents
+    model = build_model(ArchConfig(arch="tree", levels=[P, 4 * P], level_k=[2, 2]), spec.d, seed=0)
+    with torch.no_grad():
+        model.saes[0].W_dec_FD.copy_(truth.parent_dirs_PD)
+        model.saes[0].W_enc_DF.copy_(truth.parent_dirs_PD.T)
+        # level 1 starts as the trap: every parent's direction, k=2 of them reconstruct well
+        model.saes[1].W_dec_FD.copy_(truth.parent_dirs_PD.repeat(4, 1))
+        model.saes[1].W_enc_DF.copy_(truth.parent_dirs_PD.repeat(4, 1).T)
+    x_n = model.normalize(torch.from_numpy(truth.x_ND))[0]
+    before = {k: v.clone() for k, v in model.saes[1].state_dict().items()}
+    monkeypatch.setattr(tree_module, "MAX_ERROR_GROWTH", 0.0)
+    assert tree_module.init_level(model, 1, x_n, only_starved=False) == 0
+    for name, value in model.saes[1].state_dict().items():
+        assert torch.equal(value, before[name]), name
+    assert (model.parent_of(1) == -1).all()
+    monkeypatch.setattr(tree_module, "MAX_ERROR_GROWTH", 2.0)
+    assert tree_module.init_level(model, 1, x_n, only_starved=False) == P
+    assert not torch.equal(model.saes[1].W_dec_FD, before["W_dec_FD"])

@@ -12,7 +12,9 @@ included), so its decoder direction is compared; a moe child adds only its own p
 so its direction is that of the mean reconstruction it and its parent give while it fires.
 
 Measured (data seed 0, model seed 0; in brackets the range over 4 seed pairs: (0,0), (1,0), (0,1), (2,2)):
-  moe    edge precision 0.89, recall 0.95 (project preset: experts initialised from data; with the paper's
+  moe    edge precision 0.83, recall 0.92 (project preset: experts initialised from data, whitened
+         subspaces; 0.89 and 0.95 with plain principal directions, which real activations did not survive;
+         with the paper's
          random init 0.99 [0.96-1.00] and 0.81 [0.77-0.83]); P(parent|child) 1 by design,
          P(any child | parent) 0.99: a kept child whose leaky value is not > 0 is not active
   tree   edge precision 0.98 [0.98-1.00], recall 0.86 [0.73-0.92]  (the defaults: co-activation re-assignment)
@@ -114,7 +116,7 @@ def test_moe_recovers_the_true_tree(moe, truth):
     parents = match_features(moe.decoder_directions(0), truth.parent_dirs_PD, PARENT_MATCH)
     children = match_features(moe_child_vectors(moe, codes), truth.child_dirs_CD, CHILD_MATCH)
     precision, recall = edge_recovery(moe.edges(), parents, children, truth)
-    assert precision >= 0.85 and recall >= 0.9, (precision, recall)
+    assert precision >= 0.8 and recall >= 0.9, (precision, recall)
 
 
 def test_tree_recovers_the_true_tree(tree, truth):
