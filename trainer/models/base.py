@@ -257,6 +257,8 @@ class HSAE(nn.Module):
         return model
 
 
+# the factors a data initialisation tries on its fresh encoders, keeping the one that reconstructs best
+CALIBRATION_SCALES = (1.0, 0.5, 0.25, 0.125, 0.0625)
 KMEANS_ITERS = 20
 KMEANS_RESTARTS = 3
 

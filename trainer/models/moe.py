@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from trainer.config import ArchConfig
 from trainer.models.base import (
+    CALIBRATION_SCALES,
     EPS,
     HSAE,
     LevelCode,
@@ -132,9 +133,6 @@ def init_experts(model: MoEHSAE, x_BD: Tensor, only_starved: bool) -> int:
     if redone:
         _calibrate(model, x_BD, torch.tensor(redone, device=x_BD.device))
     return len(redone)
-
-
-CALIBRATION_SCALES = (1.0, 0.5, 0.25, 0.125, 0.0625)
 
 
 def _calibrate(model: MoEHSAE, x_BD: Tensor, experts: Tensor) -> float:

@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from trainer.coactivation import CoFiring, coactivation_parents
 from trainer.config import ArchConfig
 from trainer.models.base import (
+    CALIBRATION_SCALES,
     HSAE,
     LevelCode,
     SaeLensLevel,
@@ -357,7 +358,6 @@ def init_children(model: TreeHSAE, level: int, x_BD: Tensor, only_starved: bool)
     return len(redone)
 
 
-CALIBRATION_SCALES = (1.0, 0.5, 0.25, 0.125, 0.0625)
 MAX_ERROR_GROWTH = 2.0
 OUTLIER_NORM = 5.0  # rows with a norm above this many times the median are left out of the sample
 
