@@ -188,6 +188,10 @@ def _assert_results_equal(a, b) -> None:
         np.testing.assert_allclose(x.act_sum, y.act_sum, rtol=1e-12)
         for name in ("feature", "kind", "bucket", "rank", "context", "max_value", "max_position"):
             np.testing.assert_array_equal(getattr(x.examples, name), getattr(y.examples, name), err_msg=name)
+    assert a.pairs.keys() == b.pairs.keys()
+    for key in a.pairs:
+        np.testing.assert_array_equal(a.pairs[key].keys, b.pairs[key].keys)
+        np.testing.assert_array_equal(a.pairs[key].counts, b.pairs[key].counts)
 
 
 @settings(max_examples=25, deadline=None)
@@ -293,3 +297,56 @@ def test_context_store_keeps_only_what_is_asked():
     assert (record.doc_id, record.start) == ("doc-b", 7)
     with pytest.raises(KeyError):
         store.get_contexts([5])
+
+
+def _cofiring(corpus: Corpus, upper: int, lower: int) -> np.ndarray:
+    """Dense [W_upper, W_lower] tokens on which both features are active, token by token."""
+    out = np.zeros((corpus.widths[upper], corpus.widths[lower]), np.int64)
+    (iu, vu), (il, vl) = corpus.codes[upper], corpus.codes[lower]
+    for t in range(len(corpus.context)):
+        ups = {int(i) for i, v in zip(iu[t], vu[t], strict=True) if i >= 0 and v > 0}
+        lows = {int(i) for i, v in zip(il[t], vl[t], strict=True) if i >= 0 and v > 0}
+        for a in ups:
+            for b in lows:
+                out[a, b] += 1
+    return out
+
+
+def test_relatives_and_inferred_parents_match_brute_force():
+    corpus = make_corpus(seed=3)
+    acc = IndexAccumulator(corpus.widths, (), SMALL)  # no edges known up front
+    feed(acc, corpus, np.unique(corpus.context), 3)
+    fires = [lv["fire"] for lv in brute_force(corpus, SMALL)["levels"]]
+    for (upper, lower), pc in acc.pairs.items():
+        dense = _cofiring(corpus, upper, lower)
+        best, count = pc.best_upper(corpus.widths[upper])
+        want = np.where(dense.max(0) > 0, dense.argmax(0), -1)  # argmax: ties to the lowest index
+        np.testing.assert_array_equal(best, want)
+        np.testing.assert_array_equal(count, dense.max(0))
+        if lower == upper + 1:
+            acc.set_parents(lower, best)
+    result = acc.result()
+    e = result.edges()
+    for j in range(len(e)):
+        dense = _cofiring(corpus, e.parent_level[j], e.child_level[j])
+        assert e.coactive[j] == dense[e.parent_idx[j], e.child_idx[j]]
+    assert len(e) == sum(int((result.levels[lv].parent >= 0).sum()) for lv in (1, 2))
+
+    rel = result.relatives(per_level=2)
+    for level, width in enumerate(corpus.widths):
+        for f in range(width):
+            for other in range(len(corpus.widths)):
+                if other == level:
+                    continue
+                dense = _cofiring(corpus, min(level, other), max(level, other))
+                row = dense[f] if level < other else dense[:, f]
+                want = [int(g) for g in np.lexsort((np.arange(len(row)), -row)) if row[g] > 0][:2]
+                got = np.flatnonzero((rel.level == level) & (rel.idx == f) & (rel.rel_level == other))
+                assert rel.rel_idx[got].tolist() == want
+                assert rel.rank[got].tolist() == list(range(len(want)))
+                for j in got:
+                    both = row[rel.rel_idx[j]]
+                    assert rel.coactive[j] == both
+                    assert rel.p_relative_given_feature[j] == pytest.approx(both / fires[level][f])
+                    want_p = both / fires[other][rel.rel_idx[j]]
+                    assert rel.p_feature_given_relative[j] == pytest.approx(want_p)

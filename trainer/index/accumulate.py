@@ -4,7 +4,9 @@ The accumulator sees chunks of tokens, each as plain arrays: per level the spars
 -1 for unused slots, values [N, K]) and per token its context id and position. It keeps, per feature:
 fire count, sum and max of activations, a histogram on fixed log-spaced bins, the top-k contexts by the
 feature's max value in the context, hash-sampled contexts per histogram bin (for Neuronpedia-style quantile
-examples), and per child the number of tokens on which it and its parent are both active.
+examples), and per child the number of tokens on which it and its parent are both active; and, between every
+two levels, how often each pair of their features fires on the same token (the cross-width relatives, and the
+parents a post-hoc tree infers when the edges are not known up front).
 
 Every piece is a sum, a max, or a top-k under a total order, so `merge` of two accumulators that saw disjoint
 contexts equals one accumulator that saw both (the test checks this exactly). That is what lets indexing be
@@ -440,6 +442,76 @@ class _LevelState:
         )
 
 
+PAIR_BLOCK = 1 << 22  # (token, slot, slot) triples expanded at once when counting co-firing pairs
+
+
+@dataclass
+class PairCounts:
+    """Sparse counts of tokens on which feature a of an upper level and feature b of a lower one both fire:
+    sorted unique keys a·width_b + b and their counts. Chunks are buffered and folded together now and then,
+    so that adding a chunk does not re-sort everything counted so far."""
+
+    width_b: int
+    keys: np.ndarray = dataclasses.field(default_factory=lambda: np.empty(0, np.int64))
+    counts: np.ndarray = dataclasses.field(default_factory=lambda: np.empty(0, np.int64))
+    _pending: list = dataclasses.field(default_factory=list)
+    _pending_rows: int = 0
+
+    def add(self, upper_NK: np.ndarray, lower_NJ: np.ndarray) -> None:
+        """Indices [N, K] and [N, J] of two levels' active features (-1: slot unused)."""
+        k, j = upper_NK.shape[1], lower_NJ.shape[1]
+        step = max(1, PAIR_BLOCK // max(k * j, 1))
+        for lo in range(0, len(upper_NK), step):
+            up, low = upper_NK[lo : lo + step, :, None], lower_NJ[lo : lo + step, None, :]
+            keys = (up * self.width_b + low)[(up >= 0) & (low >= 0)]
+            if keys.size:
+                keys = np.sort(keys)
+                starts = _group_starts(keys)
+                self._pending.append((keys[starts], np.diff(np.append(starts, len(keys)))))
+                self._pending_rows += len(starts)
+        if self._pending_rows > 2 * len(self.keys) + (1 << 20):
+            self.fold()
+
+    def merge(self, other: PairCounts) -> None:
+        other.fold()
+        self._pending.append((other.keys, other.counts))
+        self._pending_rows += len(other.keys)
+        self.fold()
+
+    def fold(self) -> PairCounts:
+        if self._pending:
+            keys = np.concatenate([self.keys] + [k for k, _ in self._pending])
+            counts = np.concatenate([self.counts] + [c for _, c in self._pending])
+            order = np.argsort(keys, kind="stable")
+            keys, counts = keys[order], counts[order]
+            starts = _group_starts(keys)
+            self.keys, self.counts = keys[starts], np.add.reduceat(counts, starts) if len(keys) else counts
+            self._pending, self._pending_rows = [], 0
+        return self
+
+    def count(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """Co-firing tokens of each (a, b) pair."""
+        self.fold()
+        want = np.asarray(a, np.int64) * self.width_b + np.asarray(b, np.int64)
+        if len(self.keys) == 0:
+            return np.zeros(len(want), np.int64)
+        at = np.minimum(np.searchsorted(self.keys, want), len(self.keys) - 1)
+        return np.where(self.keys[at] == want, self.counts[at], 0)
+
+    def best_upper(self, width_a: int) -> tuple[np.ndarray, np.ndarray]:
+        """Per lower feature b: the upper feature it co-fires with most (ties: lowest index; -1 if none) and
+        that count (0 if none); what `trainer.coactivation.CoFiring.best_parents` gives, from these counts."""
+        self.fold()
+        a, b = self.keys // self.width_b, self.keys % self.width_b
+        order = np.lexsort((a, -self.counts, b))
+        first = order[_group_starts(b[order])] if len(order) else order
+        best = np.full(self.width_b, -1, np.int64)
+        count = np.zeros(self.width_b, np.int64)
+        best[b[first]] = a[first]
+        count[b[first]] = self.counts[first]
+        return best, count
+
+
 @dataclass(frozen=True)
 class ExampleArrays:
     """Example rows of one level, sorted by (feature, kind, bucket, rank)."""
@@ -511,11 +583,59 @@ class EdgeArrays:
 
 
 @dataclass(frozen=True)
+class RelativeArrays:
+    """One row per (feature, relative): a feature of another level among the `rank`-th it co-fires with most
+    (by co-firing tokens; ties: lowest index), with P(relative | feature) and P(feature | relative)."""
+
+    level: np.ndarray
+    idx: np.ndarray
+    rel_level: np.ndarray
+    rel_idx: np.ndarray
+    rank: np.ndarray  # 0.. within (feature, rel_level)
+    coactive: np.ndarray
+    p_relative_given_feature: np.ndarray
+    p_feature_given_relative: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.idx)
+
+
+RELATIVES_PER_LEVEL = 5
+
+
+@dataclass(frozen=True)
 class IndexResult:
     level_widths: tuple[int, ...]
     config: IndexConfig
     n_tokens: int
     levels: list[LevelIndex]
+    pairs: dict[tuple[int, int], PairCounts] = dataclasses.field(default_factory=dict)
+    """(upper level, lower level) → co-firing counts of their features, for every two levels."""
+
+    def relatives(self, per_level: int = RELATIVES_PER_LEVEL) -> RelativeArrays:
+        """Each feature's `per_level` most co-firing features of every other level."""
+        parts = []
+        for (upper, lower), pc in sorted(self.pairs.items()):
+            pc.fold()
+            a, b = pc.keys // pc.width_b, pc.keys % pc.width_b
+            fires_a = self.levels[upper].fire_count[a].astype(np.float64)
+            fires_b = self.levels[lower].fire_count[b].astype(np.float64)
+            for own, other, own_level, other_level, own_fires, other_fires in (
+                (a, b, upper, lower, fires_a, fires_b), (b, a, lower, upper, fires_b, fires_a)
+            ):
+                order = np.lexsort((other, -pc.counts, own))
+                rank = _rank_in_groups(own[order])
+                order, rank = order[rank < per_level], rank[rank < per_level]
+                n = len(order)
+                parts.append((np.full(n, own_level), own[order], np.full(n, other_level), other[order], rank,
+                               pc.counts[order], pc.counts[order] / own_fires[order],
+                               pc.counts[order] / other_fires[order]))
+        if not parts:
+            empty_i, empty_f = np.empty(0, np.int64), np.empty(0, np.float64)
+            return RelativeArrays(*([empty_i] * 6), empty_f, empty_f)
+        cols = [np.concatenate(c) for c in zip(*parts, strict=True)]
+        order = np.lexsort((cols[4], cols[2], cols[1], cols[0]))
+        return RelativeArrays(*(c[order] for c in cols))
 
     def density(self, level: int) -> np.ndarray:
         return self.levels[level].fire_count / max(self.n_tokens, 1)
@@ -564,6 +684,10 @@ class IndexAccumulator:
             _LevelState(level, width, parent, self.config)
             for level, (width, parent) in enumerate(zip(self.level_widths, self.parents, strict=True))
         ]
+        self.pairs = {
+            (a, b): PairCounts(self.level_widths[b])
+            for a in range(len(self.level_widths)) for b in range(a + 1, len(self.level_widths))
+        }
         self.n_tokens = 0
 
     def add(self, codes: Sequence[tuple[Any, Any]], context_ids: Any, positions: Any) -> None:
@@ -582,6 +706,7 @@ class IndexAccumulator:
             raise ValueError("token positions must be >= 0")
 
         above: tuple[np.ndarray, np.ndarray] | None = None  # the level above's active (token, feature)
+        active_indices: list[np.ndarray] = []  # per level [N, K], -1 where not active
         for state, (indices, values) in zip(self._levels, codes, strict=True):
             indices_NK = _to_numpy(indices, np.int64)
             values_NK = _to_numpy(values, np.float32)
@@ -602,7 +727,27 @@ class IndexAccumulator:
                 if above is not None:
                     state.coactive += self._coactive(state, token, feature, above)
             above = (token, feature)
+            active_indices.append(np.where(active, indices_NK, -1))
+        for (a, b), pc in self.pairs.items():
+            pc.add(active_indices[a], active_indices[b])
         self.n_tokens += n
+
+    def set_parents(self, level: int, parent: np.ndarray) -> None:
+        """Give the features of `level` (>= 1) these parents in the level above (-1: none), after the codes
+        were seen: their co-firing counts come from the pair counts, exactly what `add` would have counted.
+        For trees inferred from the indexed tokens themselves (a post-hoc tree of flat SAEs)."""
+        state = self._levels[level]
+        parent = np.asarray(parent, np.int64)
+        if not 1 <= level < len(self._levels) or parent.shape != (state.width,):
+            raise ValueError(f"set_parents: level {level} needs one parent per feature")
+        if parent.size and (parent.max() >= self.level_widths[level - 1] or parent.min() < -1):
+            raise ValueError(f"set_parents: a parent index is out of range for level {level - 1}")
+        has = parent >= 0
+        coactive = np.zeros(state.width, np.int64)
+        coactive[has] = self.pairs[(level - 1, level)].count(parent[has], np.flatnonzero(has))
+        state.parent[:] = parent
+        state.coactive[:] = coactive
+        self.parents[level] = state.parent
 
     def _coactive(self, state: _LevelState, token: np.ndarray, feature: np.ndarray,
                   above: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
@@ -622,6 +767,8 @@ class IndexAccumulator:
             raise ValueError("can only merge accumulators with the same level widths, edges and config")
         for mine, theirs in zip(self._levels, other._levels, strict=True):
             mine.merge(theirs)
+        for key, pc in self.pairs.items():
+            pc.merge(other.pairs[key])
         self.n_tokens += other.n_tokens
         return self
 
@@ -632,4 +779,5 @@ class IndexAccumulator:
 
     def result(self) -> IndexResult:
         levels = [lv.finish() for lv in self._levels]
-        return IndexResult(self.level_widths, self.config, self.n_tokens, levels)
+        pairs = {key: pc.fold() for key, pc in self.pairs.items()}
+        return IndexResult(self.level_widths, self.config, self.n_tokens, levels, pairs)
