@@ -20,6 +20,7 @@ from backend.db.models import (
     Example,
     Feature,
     FeatureEdge,
+    FeatureRelative,
     Run,
     utcnow,
     visible_runs,
@@ -229,6 +230,7 @@ class FeaturePage:
     feature: Row
     parent_edge: Row | None
     children: Sequence[Row]
+    relatives: Sequence[Row] = ()
 
 
 def get_feature_page(session: Session, run_id: int, level: int, idx: int) -> FeaturePage | None:
@@ -263,7 +265,31 @@ def get_feature_page(session: Session, run_id: int, level: int, idx: int) -> Fea
     if feature.child_count:
         children = list_children(session, run_id, level, idx, "index", 0, CHILDREN_PREVIEW)
     edge = feature if feature.coactive_count is not None else None
-    return FeaturePage(feature, edge, children)
+    return FeaturePage(feature, edge, children, list_relatives(session, run_id, level, idx))
+
+
+_Relative = aliased(Feature)
+
+
+def list_relatives(session: Session, run_id: int, level: int, idx: int) -> Sequence[Row]:
+    """The feature's cross-width relatives, by level then rank, with each relative's label."""
+    return session.execute(
+        select(
+            FeatureRelative.rel_level,
+            FeatureRelative.rel_idx,
+            FeatureRelative.rank,
+            FeatureRelative.coactive_count,
+            FeatureRelative.p_relative_given_feature,
+            FeatureRelative.p_feature_given_relative,
+            FeatureRelative.decoder_cosine,
+            _Relative.label,
+        )
+        .outerjoin(_Relative, (_Relative.run_id == FeatureRelative.run_id)
+                   & (_Relative.level == FeatureRelative.rel_level)
+                   & (_Relative.idx == FeatureRelative.rel_idx))
+        .where(FeatureRelative.run_id == run_id, FeatureRelative.level == level, FeatureRelative.idx == idx)
+        .order_by(FeatureRelative.rel_level, FeatureRelative.rank)
+    ).all()
 
 
 def get_feature_ref(session: Session, run_id: int, level: int, idx: int) -> Row | None:

@@ -196,6 +196,17 @@ class Histogram(Model):
     counts: list[int]
 
 
+class Relative(Model):
+    """A feature of another level that this one co-fires with among the most (a cross-width relative)."""
+
+    feature: FeatureRef
+    rank: int = Field(description="0: the most co-firing of its level (by tokens where both fire)")
+    coactive_count: int = Field(description="tokens on which both fire")
+    p_relative_given_feature: float = Field(description="P(relative fires | this feature fires)")
+    p_feature_given_relative: float = Field(description="P(this feature fires | relative fires)")
+    decoder_cosine: float | None = Field(description="cosine of the two decoder directions, if known")
+
+
 class FeatureDetail(Model):
     run: str
     level: int
@@ -212,6 +223,8 @@ class FeatureDetail(Model):
     top_positive: list[TopToken] = Field(description="output tokens the decoder direction promotes most")
     top_negative: list[TopToken] = Field(description="output tokens it suppresses most")
     histogram: Histogram
+    relatives: list[Relative] = Field(
+        description="the features of each other level it co-fires with most, by level then rank")
 
 
 class ExampleKind(StrEnum):

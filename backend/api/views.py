@@ -83,6 +83,17 @@ def feature_summary(row: Any) -> dict[str, Any]:
     }
 
 
+def relative(row: Any) -> dict[str, Any]:
+    return {
+        "feature": feature_ref(row.rel_level, row.rel_idx, row.label),
+        "rank": row.rank,
+        "coactive_count": row.coactive_count,
+        "p_relative_given_feature": row.p_relative_given_feature,
+        "p_feature_given_relative": row.p_feature_given_relative,
+        "decoder_cosine": row.decoder_cosine,
+    }
+
+
 def edge_stats(row: Any) -> dict[str, Any] | None:
     if row is None or row.coactive_count is None:
         return None

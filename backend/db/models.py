@@ -170,6 +170,24 @@ class FeatureEdge(Base):
     __table_args__ = (Index("ix_feature_edges_parent", "run_id", "parent_level", "parent_idx"),)
 
 
+class FeatureRelative(Base):
+    """A feature of another level that a feature co-fires with among the most (its cross-width relative):
+    rank 0.. within (feature, rel_level) by co-firing tokens, ties to the lowest index."""
+
+    __tablename__ = "feature_relatives"
+
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    level: Mapped[int] = mapped_column(Integer, primary_key=True)
+    idx: Mapped[int] = mapped_column(Integer, primary_key=True)
+    rel_level: Mapped[int] = mapped_column(Integer, primary_key=True)
+    rel_idx: Mapped[int] = mapped_column(Integer, primary_key=True)
+    rank: Mapped[int] = mapped_column(Integer)
+    coactive_count: Mapped[int] = mapped_column(BigInteger, doc="tokens where both fire")
+    p_relative_given_feature: Mapped[float] = mapped_column(Float)
+    p_feature_given_relative: Mapped[float] = mapped_column(Float)
+    decoder_cosine: Mapped[float | None] = mapped_column(Float)
+
+
 class Context(Base):
     """A fixed-length token window of the corpus that some example shows; stored once, shared by examples."""
 

@@ -57,6 +57,7 @@ def index_checkpoint(
 
         run_id = write_run(db_url, indexed.result, indexed.info, indexed.contexts,
                            output_tokens=indexed.output_tokens, edge_cosines=indexed.edge_cosines,
+                           relative_cosines=indexed.relative_cosines,
                            replace=replace, progress=progress)
     return IndexSummary(
         run_id=run_id, name=indexed.info.name, tokens=indexed.tokens, contexts=indexed.n_contexts

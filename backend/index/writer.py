@@ -24,6 +24,7 @@ from backend.db.models import (
     Example,
     Feature,
     FeatureEdge,
+    FeatureRelative,
     Run,
     hidden_runs,
     utcnow,
@@ -96,12 +97,14 @@ def delete_run(engine: Engine, run_id: int, features_per_batch: int = 5000) -> N
                 for table, level_col, idx_col in (
                     (Example, Example.level, Example.idx),
                     (FeatureEdge, FeatureEdge.child_level, FeatureEdge.child_idx),
+                    (FeatureRelative, FeatureRelative.level, FeatureRelative.idx),
                     (Feature, Feature.level, Feature.idx),
                 ):
                     conn.execute(delete(table).where(
                         table.run_id == run_id, level_col == level, idx_col >= start, idx_col < stop))
     with engine.begin() as conn:
-        for table in (Example, FeatureEdge, Feature, Context):  # whatever the widths did not cover
+        # whatever the widths did not cover
+        for table in (Example, FeatureEdge, FeatureRelative, Feature, Context):
             conn.execute(delete(table).where(table.run_id == run_id))
         conn.execute(delete(Run).where(Run.id == run_id))
 
@@ -114,6 +117,7 @@ def write_run(
     *,
     output_tokens: Sequence[OutputTokens | None] | None = None,
     edge_cosines: np.ndarray | None = None,
+    relative_cosines: np.ndarray | None = None,
     replace: bool = False,
     batch_rows: int = 2000,
     progress: Progress | None = None,
@@ -121,7 +125,8 @@ def write_run(
     """Write `result` as run `info.name` and return its id.
 
     output_tokens: per level (or None) the top output tokens of each feature. edge_cosines: decoder cosine per
-    edge, aligned with `result.edges()`. replace: swap out an existing complete run of that name atomically;
+    edge, aligned with `result.edges()`; relative_cosines: the same per row of `result.relatives()`.
+    replace: swap out an existing complete run of that name atomically;
     labels, notes and tags carry over to the new run when the checkpoint digest is the same.
     """
     if output_tokens is not None and (
@@ -138,6 +143,7 @@ def write_run(
             writer = _Writer(engine, run_id, result, batch_rows, progress)
             writer.features(output_tokens)
             writer.edges(edge_cosines)
+            writer.relatives(relative_cosines)
             lengths = writer.contexts(contexts)
             writer.examples(lengths)
             old_run = _publish(engine, run_id, info, replace)
@@ -321,6 +327,30 @@ class _Writer:
                 for j in range(rows.start, rows.stop)
             ]
             self._insert("edges", FeatureEdge, batch, rows.stop, len(e))
+
+    def relatives(self, cosines: np.ndarray | None) -> None:
+        r = self.result.relatives()
+        if cosines is not None and len(cosines) != len(r):
+            raise ValueError(f"{len(cosines)} relative cosines for {len(r)} relatives")
+        p_rel = round_significant(r.p_relative_given_feature, 6)
+        p_feat = round_significant(r.p_feature_given_relative, 6)
+        for rows in _batches(len(r), self.batch_rows):
+            batch = [
+                {
+                    "run_id": self.run_id,
+                    "level": int(r.level[j]),
+                    "idx": int(r.idx[j]),
+                    "rel_level": int(r.rel_level[j]),
+                    "rel_idx": int(r.rel_idx[j]),
+                    "rank": int(r.rank[j]),
+                    "coactive_count": int(r.coactive[j]),
+                    "p_relative_given_feature": float(p_rel[j]),
+                    "p_feature_given_relative": float(p_feat[j]),
+                    "decoder_cosine": None if cosines is None else _nullable(cosines[j]),
+                }
+                for j in range(rows.start, rows.stop)
+            ]
+            self._insert("relatives", FeatureRelative, batch, rows.stop, len(r))
 
     def contexts(self, provider: ContextProvider) -> dict[int, int]:
         """Insert the contexts examples show; return each one's length in tokens."""

@@ -4,7 +4,7 @@ at plain data. Writing it to a database is the backend's (backend/index)."""
 
 from trainer.index.accumulate import IndexAccumulator, IndexConfig, IndexResult
 from trainer.index.contexts import ContextProvider, ContextRecord, ContextStore
-from trainer.index.directions import OutputTokens, decoder_cosines, top_output_tokens
+from trainer.index.directions import OutputTokens, decoder_cosines, pair_cosines, top_output_tokens
 from trainer.index.run import RunInfo
 
 __all__ = [
@@ -17,5 +17,6 @@ __all__ = [
     "OutputTokens",
     "RunInfo",
     "decoder_cosines",
+    "pair_cosines",
     "top_output_tokens",
 ]

@@ -37,6 +37,26 @@ def decoder_cosines(
     return out
 
 
+def pair_cosines(
+    decoders: Sequence[Any],
+    level_a: np.ndarray,
+    idx_a: np.ndarray,
+    level_b: np.ndarray,
+    idx_b: np.ndarray,
+) -> np.ndarray:
+    """Cosine between the decoder directions of each (level_a, idx_a), (level_b, idx_b) pair, any two levels
+    (the cross-width relatives); decoders[l] is [W_l, D]."""
+    out = np.full(len(idx_a), np.nan, np.float32)
+    unit = [torch.nn.functional.normalize(_as_tensor(d).float(), dim=-1) for d in decoders]
+    pairs = np.unique(np.stack([level_a, level_b], axis=1), axis=0) if len(idx_a) else []
+    for la, lb in pairs:
+        rows = np.flatnonzero((level_a == la) & (level_b == lb))
+        a = unit[la][torch.as_tensor(idx_a[rows], device=unit[la].device)]
+        b = unit[lb][torch.as_tensor(idx_b[rows], device=unit[lb].device)]
+        out[rows] = (a * b.to(a.device)).sum(-1).cpu().numpy()
+    return out
+
+
 @dataclass(frozen=True)
 class OutputTokens:
     """Per feature, the k output tokens whose logits its decoder direction raises most and lowers most."""

@@ -20,7 +20,7 @@ from trainer.checkpoint import Checkpoint
 from trainer.errors import HSAEError
 from trainer.index.accumulate import IndexAccumulator, IndexConfig, IndexResult
 from trainer.index.contexts import ContextStore
-from trainer.index.directions import OutputTokens, decoder_cosines, top_output_tokens
+from trainer.index.directions import OutputTokens, decoder_cosines, pair_cosines, top_output_tokens
 from trainer.index.run import RunInfo
 from trainer.lm import LanguageModel, load_language_model
 from trainer.outliers import encode_inliers
@@ -38,6 +38,7 @@ class IndexedRun:
     contexts: ContextStore
     output_tokens: list[OutputTokens | None]  # per level, each feature's top output tokens
     edge_cosines: np.ndarray  # decoder cosine per edge, aligned with result.edges()
+    relative_cosines: np.ndarray  # decoder cosine per row of result.relatives()
     tokens: int  # tokens indexed
     n_contexts: int
 
@@ -144,7 +145,13 @@ def index_run(
         metrics=ckpt.metrics,
         checkpoint_path=str(run_dir),
     )
-    return IndexedRun(result, info, store, output_tokens, cosines, tokens=n_rows, n_contexts=n_contexts)
+    return IndexedRun(result, info, store, output_tokens, cosines, relative_cosines(result, decoders),
+                      tokens=n_rows, n_contexts=n_contexts)
+
+
+def relative_cosines(result: IndexResult, decoders: list[torch.Tensor]) -> np.ndarray:
+    rel = result.relatives()
+    return pair_cosines(decoders, rel.level, rel.idx, rel.rel_level, rel.rel_idx)
 
 
 @torch.no_grad()

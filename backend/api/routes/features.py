@@ -63,7 +63,8 @@ def forest(
 
 @router.get(FEATURE, response_model=FeatureDetail, responses=views.ERRORS)
 def feature(db: DbDep, run_name: RunName, level: LevelPath, index: IndexPath):
-    """Stats, parent, first children, top output tokens and activation histogram of one feature."""
+    """Stats, parent, first children, top output tokens, activation histogram and cross-width relatives of
+    one feature."""
     with db() as session:
         run = find_run(session, run_name)
         found = queries.get_feature_page(session, run.id, level, index)
@@ -91,6 +92,7 @@ def feature(db: DbDep, run_name: RunName, level: LevelPath, index: IndexPath):
         "top_positive": views.top_tokens(row.top_positive),
         "top_negative": views.top_tokens(row.top_negative),
         "histogram": row.histogram,
+        "relatives": [views.relative(r) for r in found.relatives],
     }
 
 
