@@ -60,6 +60,43 @@ def index_cmd(
     print(f"indexed run {summary.name!r}: {summary.tokens:,} tokens in {summary.contexts:,} contexts")
 
 
+@app.command("index-sae")
+def index_sae_cmd(
+    sae_dirs: Annotated[list[Path], typer.Argument(
+        help="Folders of SAEs saved by sae-lens (cfg.json + sae_weights.safetensors): several of rising "
+             "width become levels, one Matryoshka SAE its groups, one plain SAE a flat forest.")],
+    name: Annotated[str, typer.Option(help="Run name in the database.")],
+    model: Annotated[str | None, typer.Option(
+        help="Hugging Face causal LM name or local path [default: the SAE cfg's model_name, else the bundled "
+             "SmolLM2-135M].")] = None,
+    layer: Annotated[int | None, typer.Option(
+        help="Block whose residual-stream output the SAEs read [default: from the cfg's hook_name].")] = None,
+    corpus: Annotated[
+        str | None, typer.Option(help="demo, a .txt file, a folder, a .jsonl (text field) or hf:NAME[:split] "
+                                      "[default: demo].")
+    ] = None,
+    tokens: Annotated[
+        int, typer.Option(help="Tokens of the corpus to index (rounded up to whole contexts).")
+    ] = 100_000,
+    unassigned: Annotated[float, typer.Option(
+        help="Fraction of each wider level's features, those of lowest P(parent | child), left without a "
+             "parent.")] = 0.2,
+    db: DbUrl = None,
+    replace: Annotated[bool, typer.Option(help="Swap out an existing run of that name atomically.")] = False,
+    device: Device = "auto",
+) -> None:
+    """Index your own sae-lens SAEs as one browsable forest, with parents inferred from co-firing."""
+    from backend.index.pipeline import index_sae_folders
+    from backend.settings import get_settings
+
+    summary = index_sae_folders(
+        sae_dirs, db_url=_db_url(db), default_db_url=get_settings().resolved_database_url, name=name,
+        model=model, layer=layer, corpus=corpus, tokens=tokens, unassigned_fraction=unassigned,
+        replace=replace, device=device,
+    )
+    print(f"indexed run {summary.name!r}: {summary.tokens:,} tokens in {summary.contexts:,} contexts")
+
+
 @app.command("serve")
 def serve_cmd(
     db: DbUrl = None,

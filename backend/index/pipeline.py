@@ -12,7 +12,8 @@ from backend.db.session import db_upgrade, open_database, same_database
 from backend.index.writer import write_run
 from trainer import checkpoint
 from trainer.index.accumulate import IndexConfig
-from trainer.index.pipeline import index_run
+from trainer.index.pipeline import check_run_name, index_run
+from trainer.index.saelens import DEFAULT_UNASSIGNED, index_saes, load_model_for, open_saes
 from trainer.lm import resolve_device
 
 
@@ -32,6 +33,46 @@ def prepare_database(url: str, default_url: str) -> None:
     open_database(url).dispose()
 
 
+def _write(db_url: str, indexed, replace: bool) -> int:
+    with tqdm(desc="writing", unit=" rows", unit_scale=True) as bar:
+        def progress(stage: str, done: int, total: int) -> None:
+            bar.set_description(f"writing {stage}")
+            bar.total = total
+            bar.n = done
+            bar.refresh()
+
+        return write_run(db_url, indexed.result, indexed.info, indexed.contexts,
+                         output_tokens=indexed.output_tokens, edge_cosines=indexed.edge_cosines,
+                         relative_cosines=indexed.relative_cosines, replace=replace, progress=progress)
+
+
+def index_sae_folders(
+    sae_dirs: list[Path],
+    *,
+    db_url: str,
+    default_db_url: str,
+    name: str,
+    model: str | None = None,
+    layer: int | None = None,
+    corpus: str | None = None,
+    tokens: int = 100_000,
+    unassigned_fraction: float = DEFAULT_UNASSIGNED,
+    replace: bool = False,
+    device: str = "auto",
+    config: IndexConfig | None = None,
+) -> IndexSummary:
+    """`hsae index-sae`: every check (folders, hooks, widths, the model) before the database is touched."""
+    check_run_name(name)
+    family = open_saes(sae_dirs, model=model, layer=layer, device=resolve_device(device))
+    lm = load_model_for(family, device)
+    prepare_database(db_url, default_db_url)
+    indexed = index_saes(family, lm, name=name, corpus=corpus, tokens=tokens,
+                         unassigned_fraction=unassigned_fraction, config=config)
+    run_id = _write(db_url, indexed, replace)
+    return IndexSummary(run_id=run_id, name=indexed.info.name, tokens=indexed.tokens,
+                        contexts=indexed.n_contexts)
+
+
 def index_checkpoint(
     run_dir: Path,
     *,
@@ -48,17 +89,7 @@ def index_checkpoint(
     # Before the long part: a database that cannot take it stops here.
     prepare_database(db_url, default_db_url)
     indexed = index_run(ckpt, corpus=corpus, tokens=tokens, name=name, device=device, config=config)
-    with tqdm(desc="writing", unit=" rows", unit_scale=True) as bar:
-        def progress(stage: str, done: int, total: int) -> None:
-            bar.set_description(f"writing {stage}")
-            bar.total = total
-            bar.n = done
-            bar.refresh()
-
-        run_id = write_run(db_url, indexed.result, indexed.info, indexed.contexts,
-                           output_tokens=indexed.output_tokens, edge_cosines=indexed.edge_cosines,
-                           relative_cosines=indexed.relative_cosines,
-                           replace=replace, progress=progress)
+    run_id = _write(db_url, indexed, replace)
     return IndexSummary(
         run_id=run_id, name=indexed.info.name, tokens=indexed.tokens, contexts=indexed.n_contexts
     )

@@ -9,6 +9,7 @@ so indexing right after training on the same corpus runs no language model forwa
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -92,36 +93,12 @@ def index_run(
     if lm.d_model != model.d_in:
         raise HSAEError(f"{model_info.name} has width {lm.d_model}, the checkpoint expects {model.d_in}")
     cache = ActivationCache(lm, corpus, context_len)
-    source = cache.ensure(tokens)
-    contexts = cache.contexts(tokens)  # what ensure() just used; None would tokenize the whole corpus
-    doc_ids = np.asarray(contexts.doc_ids, dtype=object)
-
     acc = IndexAccumulator(model.level_widths, model.edges(), config or IndexConfig())
     display = token_display_table(lm.tokenizer)
-    store = ContextStore(lambda ids: [display[i] for i in ids if i != PAD])
     dev = next(model.parameters()).device
-    # Whole contexts only: the accumulator needs every token of a context in one chunk, and a shard holds
-    # whole contexts. The token budget is rounded up to the end of the context it falls in.
-    end_ctx = int(source.read_meta(source.num_rows - 1, source.num_rows)[0, 0])
-    n_rows, n_contexts, n_outliers = 0, 0, 0
     max_norm = ckpt.max_norm  # massive activations get no features, as in training
-    with tqdm(total=source.num_rows, desc="indexing", unit="tok", unit_scale=True) as bar:
-        for chunk_no, (acts, meta) in enumerate(zip(source.acts, source.rows, strict=True)):
-            keep = np.asarray(meta[:, 0]) <= end_ctx
-            if not keep.any():
-                break
-            acts_ND, meta_N2 = np.asarray(acts[keep], dtype=np.float32), np.asarray(meta[keep])
-            codes, outliers = _encode(model, acts_ND, dev, max_norm)
-            n_outliers += outliers
-            acc.add(codes, meta_N2[:, 0], meta_N2[:, 1])
-            ctx_ids = np.unique(meta_N2[:, 0])
-            store.add(ctx_ids, contexts.token_ids_CT[ctx_ids], doc_ids[contexts.docs_C2[ctx_ids, 0]].tolist(),
-                      contexts.docs_C2[ctx_ids, 1])
-            if (chunk_no + 1) % RETAIN_EVERY == 0:
-                store.retain(acc.kept_context_ids())
-            n_rows += len(acts_ND)
-            n_contexts += len(ctx_ids)
-            bar.update(len(acts_ND))
+    store, n_rows, n_contexts, n_outliers = stream_codes(
+        cache, tokens, acc, display, lambda acts_ND: _encode(model, acts_ND, dev, max_norm))
     result = acc.result()
     store.retain(result.context_ids())
 
@@ -152,6 +129,43 @@ def index_run(
 def relative_cosines(result: IndexResult, decoders: list[torch.Tensor]) -> np.ndarray:
     rel = result.relatives()
     return pair_cosines(decoders, rel.level, rel.idx, rel.rel_level, rel.rel_idx)
+
+
+Encoder = Callable[[np.ndarray], tuple[list[tuple[np.ndarray, np.ndarray]], int]]
+
+
+def stream_codes(
+    cache: ActivationCache, tokens: int, acc: IndexAccumulator, display: list[str], encode: Encoder
+) -> tuple[ContextStore, int, int, int]:
+    """Feed `tokens` tokens of the cache's corpus (rounded up to whole contexts), encoded by `encode` (per
+    level (indices, values), and how many rows were left out as massive), into `acc`; return the contexts
+    the accumulator may still show, and how many rows, contexts and massive rows it saw."""
+    source = cache.ensure(tokens)
+    contexts = cache.contexts(tokens)  # what ensure() just used; None would tokenize the whole corpus
+    doc_ids = np.asarray(contexts.doc_ids, dtype=object)
+    store = ContextStore(lambda ids: [display[i] for i in ids if i != PAD])
+    # Whole contexts only: the accumulator needs every token of a context in one chunk, and a shard holds
+    # whole contexts. The token budget is rounded up to the end of the context it falls in.
+    end_ctx = int(source.read_meta(source.num_rows - 1, source.num_rows)[0, 0])
+    n_rows, n_contexts, n_outliers = 0, 0, 0
+    with tqdm(total=source.num_rows, desc="indexing", unit="tok", unit_scale=True) as bar:
+        for chunk_no, (acts, meta) in enumerate(zip(source.acts, source.rows, strict=True)):
+            keep = np.asarray(meta[:, 0]) <= end_ctx
+            if not keep.any():
+                break
+            acts_ND, meta_N2 = np.asarray(acts[keep], dtype=np.float32), np.asarray(meta[keep])
+            codes, outliers = encode(acts_ND)
+            n_outliers += outliers
+            acc.add(codes, meta_N2[:, 0], meta_N2[:, 1])
+            ctx_ids = np.unique(meta_N2[:, 0])
+            store.add(ctx_ids, contexts.token_ids_CT[ctx_ids], doc_ids[contexts.docs_C2[ctx_ids, 0]].tolist(),
+                      contexts.docs_C2[ctx_ids, 1])
+            if (chunk_no + 1) % RETAIN_EVERY == 0:
+                store.retain(acc.kept_context_ids())
+            n_rows += len(acts_ND)
+            n_contexts += len(ctx_ids)
+            bar.update(len(acts_ND))
+    return store, n_rows, n_contexts, n_outliers
 
 
 @torch.no_grad()
