@@ -87,8 +87,21 @@ class RunSummary(Model):
     live: bool = Field(description="whether live prompt activations can be computed (checkpoint path known)")
 
 
+class LevelSource(Model):
+    """Where a level of a run indexed from sae-lens SAEs (`hsae index-sae`) came from."""
+
+    path: str = Field(description="the SAE's folder, as it was when indexed")
+    architecture: str = Field(description="the architecture sae-lens loaded it as (topk, jumprelu, ...)")
+    d_sae: int = Field(description="the SAE's width")
+    width: int = Field(description="features in this level")
+    features: list[int] = Field(description="[start, stop): the SAE's features this level holds")
+    matryoshka_group: int | None = Field(description="the Matryoshka group, if the level is one")
+
+
 class RunDetail(RunSummary):
     config: dict[str, Any] = Field(description="the checkpoint's cfg.json")
+    sources: list[LevelSource] | None = Field(
+        default=None, description="per level, the sae-lens SAE it came from; null for an HSAE checkpoint")
     metrics: dict[str, Any] | None
     corpus: dict[str, Any]
     index_settings: dict[str, Any]

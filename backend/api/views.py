@@ -52,6 +52,7 @@ def run_detail(run: Run) -> dict[str, Any]:
     return {
         **run_summary(run),
         "config": run.config,
+        "sources": run.config.get("levels") if run.config.get("source") == "sae-lens" else None,
         "metrics": run.metrics,
         "corpus": run.corpus,
         "index_settings": run.index_settings,

@@ -38,8 +38,14 @@ async function init() {
   const firstPage = reset({ level: 0, sort: state.sort }); // in parallel with the run's description
   try {
     const run = await api.run(RUN);
+    const source = (level) => {
+      const s = run.sources?.[level];
+      if (!s) return "";
+      const folder = s.path.split(/[\\/]/).filter(Boolean).pop();
+      return s.matryoshka_group !== null ? ` · ${folder} group ${s.matryoshka_group}` : ` · ${folder}`;
+    };
     replace(levelSelect, run.level_widths.map((width, level) =>
-      h("option", { value: level }, `${level === 0 ? "0 · roots" : level} (${formatInt(width)})`)));
+      h("option", { value: level }, `${level === 0 ? "0 · roots" : level} (${formatInt(width)})${source(level)}`)));
     levelSelect.value = String(state.level);
   } catch (err) {
     showError(err);

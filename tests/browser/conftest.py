@@ -22,7 +22,7 @@ import pytest
 from backend.app import create_app
 from backend.db.session import make_engine, upgrade
 from backend.settings import Settings
-from tests.browser.runs import DEMO_LABELS, small_run, wide_run
+from tests.browser.runs import DEMO_LABELS, sae_lens_run, small_run, wide_run
 
 REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO / "test-artifacts" / "browser"
@@ -35,6 +35,7 @@ WRITE_TOKEN = "browser-test-token"
 RUN = "demo-run"
 LABELLED_RUN = "forest-demo"
 WIDE_RUN = "wide"
+SAE_RUN = "my-saes"
 
 
 def free_port() -> int:
@@ -72,8 +73,8 @@ class Server:
 
 @pytest.fixture(scope="session")
 def database_url(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """One SQLite database with the small three-level run, the same forest with labels, and a run with 10,000
-    roots."""
+    """One SQLite database with the small three-level run, the same forest with labels, a run with 10,000
+    roots, and a run as `hsae index-sae` writes it."""
     url = f"sqlite:///{tmp_path_factory.mktemp('browser-db') / 'hsae.db'}"
     upgrade(url)
     engine = make_engine(url)
@@ -81,6 +82,7 @@ def database_url(tmp_path_factory: pytest.TempPathFactory) -> str:
         small_run(engine, RUN)
         small_run(engine, LABELLED_RUN, labels=DEMO_LABELS)
         wide_run(engine, WIDE_RUN, roots=10_000)
+        sae_lens_run(engine, SAE_RUN)
     finally:
         engine.dispose()
     return url

@@ -12,7 +12,15 @@ from sqlalchemy import Engine, insert, update
 
 from backend.db.models import Feature, FeatureEdge, Run, utcnow
 from backend.index.writer import write_run
-from trainer.index import ContextStore, IndexAccumulator, IndexConfig, OutputTokens, RunInfo
+from trainer.index import (
+    ContextStore,
+    IndexAccumulator,
+    IndexConfig,
+    OutputTokens,
+    RunInfo,
+    decoder_cosines,
+    pair_cosines,
+)
 
 # Three levels: 12 themes, 3 sub-themes each, 2 tokens each. A level-2 feature fires on its token, a level-1
 # feature on either of its two, a root on any of its theme's six: contexts, output tokens and co-firing then
@@ -139,6 +147,45 @@ def small_run(engine: Engine, name: str = "demo-run", n_contexts: int = 300, see
                 .values(label=label, annotated_at=utcnow())
             )
     return run_id
+
+
+SAE_SOURCES = ["/data/saes/res-36", "/data/saes/res-72"]
+
+
+def sae_lens_run(engine: Engine, name: str = "my-saes", n_contexts: int = 300, seed: int = 1) -> int:
+    """What `hsae index-sae` writes for two flat SAEs of widths 36 and 72 (the themed forest's lower levels,
+    with no edges known up front): parents inferred from co-firing after the pass, as the command does, and
+    decoder cosines for edges and cross-width relatives."""
+    from trainer.index.saelens import infer_tree  # imports the trainer's pipeline: only here
+
+    rng = np.random.default_rng(seed)
+    widths = LEVEL_WIDTHS[1:]
+    acc = IndexAccumulator(widths, (), IndexConfig(top_k=8, quantile_buckets=4, quantile_examples=2))
+    token_ids = _corpus(rng, n_contexts)
+    acc.add(_codes(rng, token_ids)[1:], np.repeat(np.arange(n_contexts), CONTEXT_LENGTH),
+            np.tile(np.arange(CONTEXT_LENGTH), n_contexts))
+    infer_tree(acc, 0.1)
+    store = ContextStore(lambda ids: [VOCAB[i] for i in ids])
+    store.add(np.arange(n_contexts), token_ids, [f"doc-{c // 10}" for c in range(n_contexts)],
+              (np.arange(n_contexts) % 10) * CONTEXT_LENGTH)
+    levels = [{"path": path, "architecture": "topk", "d_sae": w, "features": [0, w], "width": w,
+               "matryoshka_group": None} for path, w in zip(SAE_SOURCES, widths, strict=True)]
+    info = RunInfo(
+        name=name, model_name="synthetic/tiny", layer=6, hook="blocks.6.hook_resid_post", arch="sae-lens",
+        checkpoint_digest="1" * 64,
+        config={"source": "sae-lens", "levels": levels, "tree": "co-firing", "unassigned_fraction": 0.1},
+        corpus={"spec": "synthetic", "context_length": CONTEXT_LENGTH},
+    )
+    result = acc.result()
+    # decoder directions: a child's is its parent's plus noise, so cosines are those of a real family
+    decoders = [rng.normal(size=(widths[0], 16))]
+    decoders.append(decoders[0][np.maximum(result.levels[1].parent, 0)] + rng.normal(size=(widths[1], 16)))
+    e, r = result.edges(), result.relatives()
+    edge_cosines = decoder_cosines(decoders, e.parent_level, e.parent_idx, e.child_level, e.child_idx)
+    relative_cosines = pair_cosines(decoders, r.level, r.idx, r.rel_level, r.rel_idx)
+    output_tokens = [_output_tokens(rng, level + 1, width) for level, width in enumerate(widths)]
+    return write_run(engine, result, info, store, output_tokens=output_tokens, edge_cosines=edge_cosines,
+                     relative_cosines=relative_cosines)
 
 
 WIDE_DEAD_EVERY = 1000  # every 1000th root of the wide run is dead, as some latents of a real run are

@@ -11,7 +11,7 @@ import jsonschema
 import pytest
 from playwright.sync_api import expect
 
-from tests.browser.conftest import LABELLED_RUN, RUN, WRITE_TOKEN, screenshot
+from tests.browser.conftest import LABELLED_RUN, RUN, SAE_RUN, WRITE_TOKEN, screenshot
 
 pytestmark = pytest.mark.browser
 
@@ -191,3 +191,36 @@ def test_pages_of_unknown_runs_answer_404(page, server):
         response = page.goto(server.url + path)
         assert response.status == 404
         expect(page.locator(".error-box")).to_have_text("No run named “nope”.")
+
+
+def test_cross_width_relatives_of_an_index_sae_run_and_an_hsae_run(page, server):
+    # The runs page and the level picker say which SAEs the run came from.
+    page.goto(server.url + "/")
+    expect(page.locator(f'[data-sources="{SAE_RUN}"]')).to_have_text(
+        "from SAEs: res-36 (topk, 36) · res-72 (topk, 72)")
+    page.goto(f"{server.url}/runs/{SAE_RUN}")
+    expect(page.locator("#level option")).to_have_text(["0 · roots (36) · res-36", "1 (72) · res-72"])
+
+    # A wide feature's relatives: the narrow features it co-fires with most, as the API serves them.
+    detail = page.request.get(f"{server.url}/api/v1/runs/{SAE_RUN}/features/1/5").json()
+    relatives = detail["relatives"]
+    assert relatives and {r["feature"]["level"] for r in relatives} == {0}
+    assert relatives[0]["feature"]["index"] == detail["parent"]["index"] == 2  # token 5's sub-theme
+    page.goto(f"{server.url}/runs/{SAE_RUN}/features/1/5")
+    rows = page.locator("#relatives tbody tr[data-level]")
+    expect(rows).to_have_count(len(relatives))
+    first = rows.first
+    expect(first.locator("td").first).to_have_text("L0 #2")
+    expect(first.locator(".prob").first).to_have_text(f"{relatives[0]['p_relative_given_feature']:.2f}")
+    expect(first.locator(".prob").nth(1)).to_have_text(f"{relatives[0]['p_feature_given_relative']:.2f}")
+    expect(page.locator("#relatives .group")).to_have_text(["Level 0 · coarser"])
+    screenshot(page, "relatives-sae")
+    first.get_by_role("link").click()
+    expect(page).to_have_url(re.compile(rf"/runs/{SAE_RUN}/features/0/2$"))
+    back = page.locator("#relatives tbody tr[data-level]")
+    expect(back.filter(has=page.get_by_role("link", name="L1 #5", exact=True))).to_have_count(1)
+
+    # An HSAE run's feature shows its relatives in both other levels.
+    page.goto(feature_url(server, 1, 4))
+    expect(page.locator("#relatives .group")).to_have_text(["Level 0 · coarser", "Level 2 · finer"])
+    expect(page.locator('#relatives tbody tr[data-level="2"]').first).to_be_visible()

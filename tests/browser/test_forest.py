@@ -21,7 +21,7 @@ def row(page, level: int, index: int):
 
 def test_runs_page_lists_runs_and_links_to_the_forest(page, server):
     page.goto(server.url + "/")
-    expect(page.locator("tr[data-run]")).to_have_count(3)
+    expect(page.locator("tr[data-run]")).to_have_count(4)
     screenshot(page, "runs")
     page.get_by_role("link", name=RUN, exact=True).click()
     expect(page).to_have_url(re.compile(rf"/runs/{RUN}$"))
