@@ -13,7 +13,7 @@ from backend.index.writer import write_run
 from trainer import checkpoint
 from trainer.index.accumulate import IndexConfig
 from trainer.index.pipeline import check_run_name, index_run
-from trainer.index.saelens import DEFAULT_UNASSIGNED, index_saes, load_model_for, open_saes
+from trainer.index.saelens import DEFAULT_UNASSIGNED, check_model, index_saes, load_model_for, open_saes
 from trainer.lm import resolve_device
 
 
@@ -64,8 +64,9 @@ def index_sae_folders(
     """`hsae index-sae`: every check (folders, hooks, widths, the model) before the database is touched."""
     check_run_name(name)
     family = open_saes(sae_dirs, model=model, layer=layer, device=resolve_device(device))
+    check_model(family)  # its config only: width and depth
+    prepare_database(db_url, default_db_url)  # before the weights load: a database that cannot take it
     lm = load_model_for(family, device)
-    prepare_database(db_url, default_db_url)
     indexed = index_saes(family, lm, name=name, corpus=corpus, tokens=tokens,
                          unassigned_fraction=unassigned_fraction, config=config)
     run_id = _write(db_url, indexed, replace)
