@@ -10,7 +10,14 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from trainer.index import ContextStore, IndexAccumulator, IndexConfig, decoder_cosines, top_output_tokens
+from trainer.index import (
+    ContextStore,
+    IndexAccumulator,
+    IndexConfig,
+    accumulate,
+    decoder_cosines,
+    top_output_tokens,
+)
 from trainer.index.accumulate import KIND_QUANTILE, KIND_TOP, sample_priority
 
 # Ties, negatives (inactive), zeros (inactive), and values beyond both ends of the histogram range.
@@ -312,10 +319,20 @@ def _cofiring(corpus: Corpus, upper: int, lower: int) -> np.ndarray:
     return out
 
 
-def test_relatives_and_inferred_parents_match_brute_force():
+@pytest.mark.parametrize("dense", [True, False])
+def test_relatives_and_inferred_parents_match_brute_force(dense, monkeypatch):
+    """Pair counts in a dense table (small widths) and as merged sparse chunks (wide ones) agree with a
+    token-by-token count, and so do two merged shards."""
+    if not dense:
+        monkeypatch.setattr(accumulate, "DENSE_PAIRS_MAX", 0)
     corpus = make_corpus(seed=3)
+    contexts = np.unique(corpus.context)
     acc = IndexAccumulator(corpus.widths, (), SMALL)  # no edges known up front
-    feed(acc, corpus, np.unique(corpus.context), 3)
+    assert all((pc._dense is not None) == dense for pc in acc.pairs.values())
+    feed(acc, corpus, contexts[:5], 3)
+    shard = IndexAccumulator(corpus.widths, (), SMALL)
+    feed(shard, corpus, contexts[5:], 2)
+    acc.merge(shard)
     fires = [lv["fire"] for lv in brute_force(corpus, SMALL)["levels"]]
     for (upper, lower), pc in acc.pairs.items():
         dense = _cofiring(corpus, upper, lower)

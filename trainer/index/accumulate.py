@@ -443,19 +443,31 @@ class _LevelState:
 
 
 PAIR_BLOCK = 1 << 22  # (token, slot, slot) triples expanded at once when counting co-firing pairs
+DENSE_PAIRS_MAX = 1 << 24  # pairs of two levels counted in a dense int32 table (64 MB) up to this many
 
 
 @dataclass
 class PairCounts:
-    """Sparse counts of tokens on which feature a of an upper level and feature b of a lower one both fire:
-    sorted unique keys a·width_b + b and their counts. Chunks are buffered and folded together now and then,
-    so that adding a chunk does not re-sort everything counted so far."""
+    """Counts of tokens on which feature a of an upper level and feature b of a lower one both fire, read as
+    sorted unique keys a·width_b + b and their counts. Counted in a dense table (torch's index_add, as
+    trainer.coactivation.CoFiring does) while width_a·width_b <= DENSE_PAIRS_MAX; beyond, chunks of sparse
+    counts are buffered and folded together now and then, so that adding a chunk does not re-sort everything
+    counted so far."""
 
     width_b: int
+    width_a: int | None = None  # known: dense counting when small enough
     keys: np.ndarray = dataclasses.field(default_factory=lambda: np.empty(0, np.int64))
     counts: np.ndarray = dataclasses.field(default_factory=lambda: np.empty(0, np.int64))
     _pending: list = dataclasses.field(default_factory=list)
     _pending_rows: int = 0
+    _dense: Any = None
+    _dense_dirty: bool = False
+
+    def __post_init__(self) -> None:
+        if self.width_a is not None and self.width_a * self.width_b <= DENSE_PAIRS_MAX:
+            import torch  # the trainer's dependency; only for the dense table
+
+            self._dense = torch.zeros(self.width_a * self.width_b, dtype=torch.int32)
 
     def add(self, upper_NK: np.ndarray, lower_NJ: np.ndarray) -> None:
         """Indices [N, K] and [N, J] of two levels' active features (-1: slot unused)."""
@@ -464,21 +476,40 @@ class PairCounts:
         for lo in range(0, len(upper_NK), step):
             up, low = upper_NK[lo : lo + step, :, None], lower_NJ[lo : lo + step, None, :]
             keys = (up * self.width_b + low)[(up >= 0) & (low >= 0)]
-            if keys.size:
-                keys = np.sort(keys)
-                starts = _group_starts(keys)
-                self._pending.append((keys[starts], np.diff(np.append(starts, len(keys)))))
-                self._pending_rows += len(starts)
+            if not keys.size:
+                continue
+            if self._dense is not None:
+                import torch
+
+                index = torch.from_numpy(keys)
+                self._dense.index_add_(0, index, torch.ones(len(keys), dtype=torch.int32))
+                self._dense_dirty = True
+                continue
+            keys = np.sort(keys)
+            starts = _group_starts(keys)
+            self._pending.append((keys[starts], np.diff(np.append(starts, len(keys)))))
+            self._pending_rows += len(starts)
         if self._pending_rows > 2 * len(self.keys) + (1 << 20):
             self.fold()
 
     def merge(self, other: PairCounts) -> None:
+        if self._dense is not None and other._dense is not None:
+            self._dense += other._dense
+            self._dense_dirty = True
+            return
         other.fold()
         self._pending.append((other.keys, other.counts))
         self._pending_rows += len(other.keys)
         self.fold()
 
     def fold(self) -> PairCounts:
+        if self._dense is not None:
+            if self._dense_dirty:
+                dense = self._dense.numpy()
+                self.keys = np.flatnonzero(dense).astype(np.int64)
+                self.counts = dense[self.keys].astype(np.int64)
+                self._dense_dirty = False
+            return self
         if self._pending:
             keys = np.concatenate([self.keys] + [k for k, _ in self._pending])
             counts = np.concatenate([self.counts] + [c for _, c in self._pending])
@@ -685,7 +716,7 @@ class IndexAccumulator:
             for level, (width, parent) in enumerate(zip(self.level_widths, self.parents, strict=True))
         ]
         self.pairs = {
-            (a, b): PairCounts(self.level_widths[b])
+            (a, b): PairCounts(self.level_widths[b], self.level_widths[a])
             for a in range(len(self.level_widths)) for b in range(a + 1, len(self.level_widths))
         }
         self.n_tokens = 0
