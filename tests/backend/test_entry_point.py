@@ -28,7 +28,8 @@ def test_the_console_script_is_the_backend_cli_with_every_command():
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts == {"hsae": "backend.cli:main"}
     commands = set(typer.main.get_command(app).commands)
-    assert commands == {"train", "eval", "encode", "index", "serve", "export", "import", "demo", "db"}
+    assert commands == {
+        "train", "eval", "encode", "index", "index-sae", "serve", "export", "import", "demo", "db"}
     assert set(typer.main.get_command(trainer_cli.app).commands) == {"train", "eval", "encode"}
     proc = subprocess.run([sys.executable, "-m", "backend.cli", "--help"], capture_output=True, text=True,
                           env=_env(), timeout=120)
