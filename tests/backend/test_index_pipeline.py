@@ -11,7 +11,7 @@ import torch
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from backend.db.models import Example, Feature, FeatureEdge, Run, visible_runs
+from backend.db.models import Example, Feature, FeatureEdge, FeatureRelative, Run, visible_runs
 from backend.db.session import make_engine
 from backend.index.pipeline import index_checkpoint
 from backend.index.writer import RunExistsError
@@ -156,6 +156,21 @@ def test_index_matches_brute_force(db_url, trained_run, corpus):
                 assert e.p_parent_given_child == pytest.approx(both / n_child)
             assert e.parent_idx == e.child_idx // 4  # moe: child index = parent * children + slot
             assert -1.0 <= e.decoder_cosine <= 1.0
+        # Cross-width relatives: each child's first relative is the root it co-fires with most, and the
+        # decoder cosine of a relative that is the child's own parent is the edge's.
+        both_PC = parent_active.T.astype(np.int64) @ child_active.astype(np.int64)
+        relatives = conn.execute(select(FeatureRelative).where(
+            FeatureRelative.run_id == run.id, FeatureRelative.level == 1, FeatureRelative.rank == 0
+        )).scalars()
+        cosine = {(e.parent_idx, e.child_idx): e.decoder_cosine for e in edges}
+        seen = 0
+        for r in relatives:
+            assert r.rel_level == 0 and r.coactive_count == both_PC[:, r.idx].max()
+            assert r.rel_idx == int(both_PC[:, r.idx].argmax())
+            if (r.rel_idx, r.idx) in cosine:
+                assert r.decoder_cosine == pytest.approx(cosine[(r.rel_idx, r.idx)], abs=1e-6)
+            seen += 1
+        assert seen == int((both_PC.max(0) > 0).sum())
     engine.dispose()
 
 
