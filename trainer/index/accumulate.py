@@ -763,6 +763,10 @@ class IndexAccumulator:
             pc.add(active_indices[a], active_indices[b])
         self.n_tokens += n
 
+    def fire_count(self, level: int) -> np.ndarray:
+        """Tokens seen so far on which each feature of `level` was active."""
+        return self._levels[level].fire_count.copy()
+
     def set_parents(self, level: int, parent: np.ndarray) -> None:
         """Give the features of `level` (>= 1) these parents in the level above (-1: none), after the codes
         were seen: their co-firing counts come from the pair counts, exactly what `add` would have counted.

@@ -242,7 +242,7 @@ def infer_tree(acc: IndexAccumulator, unassigned_fraction: float) -> None:
     """Each feature's parent: the feature of the level above it co-fires with most (the post-hoc tree)."""
     for level in range(1, len(acc.level_widths)):
         best, count = acc.pairs[(level - 1, level)].best_upper(acc.level_widths[level - 1])
-        fired = acc._levels[level].fire_count
+        fired = acc.fire_count(level)
         score = np.where(count > 0, count / np.maximum(fired, 1), -1.0)
         parents = coactivation_parents(torch.from_numpy(best), torch.from_numpy(score), unassigned_fraction)
         acc.set_parents(level, parents.numpy())
