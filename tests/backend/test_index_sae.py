@@ -134,7 +134,7 @@ def test_two_widths_give_a_forest_of_brute_force_co_firing(db_url, two_widths, c
             assert first[(0, p)].rel_idx == int(both[p].argmax())
 
 
-def test_matryoshka_groups_become_levels(two_widths, corpus, acts, tmp_path):
+def test_matryoshka_groups_become_levels(corpus, acts, tmp_path):
     torch.manual_seed(2)
     cfg = sae_lens.MatryoshkaBatchTopKTrainingSAEConfig(
         d_in=576, d_sae=32, k=4, matryoshka_widths=[6, 14, 32], metadata=_metadata())
@@ -159,9 +159,15 @@ def test_matryoshka_groups_become_levels(two_widths, corpus, acts, tmp_path):
         assert [got[c] for c in range(hi - mid)] == parent.tolist()
     assert {(e.parent_level, e.child_level) for e in edges} == {(0, 1), (1, 2)}
 
-    _index([two_widths[0]], db_url, corpus, "flat")  # one plain SAE: a flat forest
+    # one plain SAE, of another architecture sae-lens loads: a flat forest
+    sae_lens.GatedSAE(sae_lens.GatedSAEConfig(d_in=576, d_sae=16, metadata=_metadata())).save_model(
+        tmp_path / "gated")
+    _index([tmp_path / "gated"], db_url, corpus, "flat")
     run, features, edges, relatives = _run_rows(db_url, "flat")
     assert run.level_widths == [16] and len(features) == 16 and not edges and not relatives
+    assert run.config["levels"][0]["architecture"] == "gated"
+    fired = (_dense(tmp_path / "gated", acts) > 0).sum(0)
+    assert [f.fire_count for f in sorted(features, key=lambda f: f.idx)] == fired.tolist()
 
 
 def _cli(args, capsys):
