@@ -474,5 +474,24 @@ def labels_of(session: Session, run_id: int, keys: Iterable[tuple[int, int]]) ->
     return labels
 
 
+def steering_features(
+    session: Session, run_id: int, level: int, idx: int, with_children: bool
+) -> tuple[Row | None, list[Row]]:
+    """A feature's label and max activation (None if the run has no such feature) and, when asked, its
+    children's indices and max activations, by index."""
+    columns = (Feature.level, Feature.idx, Feature.label, Feature.max_act)
+    feature = session.execute(
+        select(*columns).where(Feature.run_id == run_id, Feature.level == level, Feature.idx == idx)
+    ).first()
+    if feature is None or not with_children:
+        return feature, []
+    children = session.execute(
+        select(*columns)
+        .where(Feature.run_id == run_id, Feature.parent_level == level, Feature.parent_idx == idx)
+        .order_by(Feature.idx)
+    ).all()
+    return feature, list(children)
+
+
 def ping(session: Session) -> None:
     session.execute(select(literal(1)))

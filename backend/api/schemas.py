@@ -353,6 +353,52 @@ class ActivationsOut(Model):
     elapsed_ms: float
 
 
+# ---- steering ---------------------------------------------------------------------------------------------
+MAX_STEER_TOKENS = 64
+MAX_STEER_STRENGTH = 100.0
+
+
+class FeatureAddress(Model):
+    level: Level
+    index: Index
+
+
+class SteerIn(Model):
+    text: Annotated[Text, Field(min_length=1, description="the prompt; longer than the token limit: 413")]
+    feature: FeatureAddress
+    strength: float = Field(
+        ge=-MAX_STEER_STRENGTH,
+        le=MAX_STEER_STRENGTH,
+        allow_inf_nan=False,
+        description="multiple of the feature's max activation added along its decoder direction (0: none)",
+    )
+    max_new_tokens: int = Field(default=16, ge=1, le=MAX_STEER_TOKENS, description="tokens generated")
+    with_children: bool = Field(
+        default=False,
+        description="also add the mean of the feature's children's directions, each scaled by its own max "
+        "activation times the strength",
+    )
+
+
+class Continuation(Model):
+    text: str
+    token_ids: list[int]
+
+
+class SteerOut(Model):
+    run: str
+    model: str
+    layer: int
+    device: str
+    feature: FeatureRef
+    strength: float
+    max_act: float = Field(description="the feature's max activation over the indexed tokens")
+    children: int = Field(description="children whose directions were added (0 without with_children)")
+    steered: Continuation = Field(description="greedy continuation with the feature's direction added")
+    unsteered: Continuation = Field(description="greedy continuation of the same prompt, unchanged")
+    elapsed_ms: float
+
+
 # ---- export / import (Contract 4) ------------------------------------------------------------------------
 class SubtreeRun(BaseModel):
     """The run a document comes from; an import needs a run with the same model, layer, arch and digest."""
