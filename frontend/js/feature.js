@@ -79,6 +79,8 @@ function actions(d) {
   });
   return h("div", { class: "actions" },
     h("a", { class: "btn", href: forestFocusPath(RUN, d.level, d.index), id: "show-in-forest" }, "Show in forest"),
+    h("a", { class: "btn", href: `${runPath(RUN)}/prompt?steer=${d.level}:${d.index}`, id: "steer-with",
+      title: "open the prompt view with this feature picked for steering" }, "Steer with it"),
     depth, button, status);
 }
 

@@ -154,3 +154,11 @@ def test_steering_panel_shows_steered_and_unsteered_continuations(page, real_ser
     page.click("#steer-run")
     expect(page.locator("#steer-status")).to_contain_text("no feature 99999")
     expect(page.locator("#steer-status")).to_have_class(re.compile(r"\berror\b"))
+
+
+def test_a_feature_page_opens_the_prompt_view_ready_to_steer_with_it(page, real_server):
+    page.goto(f"{real_server.url}/runs/{REAL_RUN}/features/1/5")
+    page.get_by_role("link", name="Steer with it").click()
+    expect(page).to_have_url(re.compile(rf"/runs/{REAL_RUN}/prompt\?steer=1:5$"))
+    expect(page.locator("#steer-level")).to_have_value("1")
+    expect(page.locator("#steer-index")).to_have_value("5")
