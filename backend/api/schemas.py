@@ -137,6 +137,9 @@ class FeatureSummary(Model):
     level: int
     index: int
     label: str | None
+    auto_label: str | None = Field(
+        description="automatic: the tokens it fires on most, from its top examples; shown until labelled"
+    )
     tags: list[str]
     density: float
     max_act: float
@@ -201,6 +204,9 @@ class FeatureDetail(Model):
     level: int
     index: int
     label: str | None
+    auto_label: str | None = Field(
+        description="automatic: the tokens it fires on most, from its top examples; shown until labelled"
+    )
     note: str | None
     tags: list[str]
     annotated_at: UtcDatetime | None
