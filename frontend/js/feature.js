@@ -7,7 +7,7 @@ import { h, replace } from "./dom.js";
 import { histogramChart, topTokensChart } from "./charts.js";
 import { featureId, formatDensity, formatInt, formatValue } from "./format.js";
 import { tokenStrip } from "./tokens.js";
-import { densityBar, featureName, levelDot, probBar, stat, tagList } from "./widgets.js";
+import { autoLabelLine, densityBar, featureName, levelDot, probBar, stat, tagList } from "./widgets.js";
 
 mountAuthBar(document.getElementById("auth"));
 
@@ -46,6 +46,7 @@ function titleBlock(d) {
     h("div", { class: "muted mono" }, levelDot(d.level), " ", featureId(d.level, d.index),
       d.level === 0 ? " · root" : d.parent ? null : " · no parent (unassigned)"),
     h("h1", { id: "feature-title", class: d.label ? "" : "unlabelled" }, d.label || "Unlabelled feature"),
+    autoLabelLine(d),
     h("div", { id: "feature-tags" }, tagList(d.tags)),
     d.note ? h("p", { class: "feature-note", id: "feature-note" }, d.note) : h("p", { id: "feature-note", hidden: true }),
     h("div", { class: "stats" },

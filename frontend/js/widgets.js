@@ -16,6 +16,13 @@ export function featureName(summary, { maxTokens = 5 } = {}) {
     tokens.map((t) => h("span", { class: "tok-chip", title: "an output token it promotes" }, tokenLabel(t))));
 }
 
+/** "fires most on: …" under a feature's title, when it has an automatic label. */
+export function autoLabelLine(d) {
+  if (!d.auto_label) return null;
+  return h("div", { class: "auto-label-line muted", title: "the tokens at the strongest position of its top examples" },
+    "fires most on: ", h("span", { class: "auto-label" }, d.auto_label));
+}
+
 export function levelDot(level) {
   return h("span", { class: `level-dot lv${Math.min(level, 5)}`, "aria-hidden": "true" });
 }

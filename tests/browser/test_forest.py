@@ -167,6 +167,7 @@ def test_rows_show_automatic_labels_until_a_person_labels_the_feature(page, serv
     """In the themed forest a level-2 feature fires on one token only: that token is its automatic label."""
     page.goto(f"{server.url}/runs/{RUN}?focus=2:1")
     expect(row(page, 2, 1).locator(".auto-label")).to_have_text("Berlin")
+    expect(page.locator("#preview .auto-label-line")).to_have_text("fires most on: Berlin")
     either = re.compile(r"^(Paris|Berlin)( · (Paris|Berlin))?$")  # level 1 fires on two tokens
     expect(row(page, 1, 0).locator(".auto-label")).to_have_text(either)
     expect(row(page, 0, 0).locator(".auto-label")).not_to_be_empty()
