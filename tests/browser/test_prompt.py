@@ -118,6 +118,7 @@ def test_a_run_without_checkpoint_says_live_prompts_are_unavailable(page, server
     page.goto(f"{server.url}/runs/{LABELLED_RUN}/prompt")
     expect(page.locator("#prompt-status")).to_contain_text("live prompts are unavailable")
     expect(page.locator("#prompt-run")).to_be_disabled()
+    expect(page.locator("#steer-run")).to_be_disabled()
 
 
 def test_steering_panel_shows_steered_and_unsteered_continuations(page, real_server):
