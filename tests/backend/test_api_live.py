@@ -319,7 +319,9 @@ def test_steering_shares_the_live_queue_and_deadline(live_db):
     responses = asyncio.run(steer_all(
         slow_steer_app(live_db, 0.4, live_queue_size=1, live_batch_size=1, live_timeout_s=10), 6))
     statuses = sorted(r.status_code for r in responses)
-    assert statuses.count(200) >= 2 and 503 in statuses and set(statuses) <= {200, 503}, statuses
+    # One place in the queue: whether the worker took the first request before the others came depends on
+    # the scheduler, so one or two are answered.
+    assert 200 in statuses and 503 in statuses and set(statuses) <= {200, 503}, statuses
     busy = next(r for r in responses if r.status_code == 503)
     assert int(busy.headers["retry-after"]) >= 1 and busy.json()["error"] == "busy"
     (late,) = asyncio.run(steer_all(slow_steer_app(live_db, 1.5, live_timeout_s=0.3), 1))
