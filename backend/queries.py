@@ -83,6 +83,7 @@ _SUMMARY_COLUMNS = (
     Feature.level,
     Feature.idx,
     Feature.label,
+    Feature.auto_label,
     Feature.tags,
     Feature.density,
     Feature.max_act,
@@ -239,6 +240,7 @@ def get_feature_page(session: Session, run_id: int, level: int, idx: int) -> Fea
             Feature.level,
             Feature.idx,
             Feature.label,
+            Feature.auto_label,
             Feature.note,
             Feature.tags,
             Feature.annotated_at,
@@ -498,6 +500,25 @@ def labels_of(session: Session, run_id: int, keys: Iterable[tuple[int, int]]) ->
         ).all()
         labels.update({(row.level, row.idx): row.label for row in rows})
     return labels
+
+
+def steering_features(
+    session: Session, run_id: int, level: int, idx: int, with_children: bool
+) -> tuple[Row | None, list[Row]]:
+    """A feature's label and max activation (None if the run has no such feature) and, when asked, its
+    children's indices and max activations, by index."""
+    columns = (Feature.level, Feature.idx, Feature.label, Feature.max_act)
+    feature = session.execute(
+        select(*columns).where(Feature.run_id == run_id, Feature.level == level, Feature.idx == idx)
+    ).first()
+    if feature is None or not with_children:
+        return feature, []
+    children = session.execute(
+        select(*columns)
+        .where(Feature.run_id == run_id, Feature.parent_level == level, Feature.parent_idx == idx)
+        .order_by(Feature.idx)
+    ).all()
+    return feature, list(children)
 
 
 def ping(session: Session) -> None:

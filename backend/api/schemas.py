@@ -150,6 +150,9 @@ class FeatureSummary(Model):
     level: int
     index: int
     label: str | None
+    auto_label: str | None = Field(
+        description="automatic: the tokens it fires on most, from its top examples; shown until labelled"
+    )
     tags: list[str]
     density: float
     max_act: float
@@ -225,6 +228,9 @@ class FeatureDetail(Model):
     level: int
     index: int
     label: str | None
+    auto_label: str | None = Field(
+        description="automatic: the tokens it fires on most, from its top examples; shown until labelled"
+    )
     note: str | None
     tags: list[str]
     annotated_at: UtcDatetime | None
@@ -376,6 +382,52 @@ class ActivationsOut(Model):
     device: str
     tokens: list[LiveToken]
     summary: list[LiveNode] = Field(description="the strongest top-level features with their active children")
+    elapsed_ms: float
+
+
+# ---- steering ---------------------------------------------------------------------------------------------
+MAX_STEER_TOKENS = 64
+MAX_STEER_STRENGTH = 100.0
+
+
+class FeatureAddress(Model):
+    level: Level
+    index: Index
+
+
+class SteerIn(Model):
+    text: Annotated[Text, Field(min_length=1, description="the prompt; longer than the token limit: 413")]
+    feature: FeatureAddress
+    strength: float = Field(
+        ge=-MAX_STEER_STRENGTH,
+        le=MAX_STEER_STRENGTH,
+        allow_inf_nan=False,
+        description="multiple of the feature's max activation added along its decoder direction (0: none)",
+    )
+    max_new_tokens: int = Field(default=16, ge=1, le=MAX_STEER_TOKENS, description="tokens generated")
+    with_children: bool = Field(
+        default=False,
+        description="also add the mean of the feature's children's directions, each scaled by its own max "
+        "activation times the strength",
+    )
+
+
+class Continuation(Model):
+    text: str
+    token_ids: list[int]
+
+
+class SteerOut(Model):
+    run: str
+    model: str
+    layer: int
+    device: str
+    feature: FeatureRef
+    strength: float
+    max_act: float = Field(description="the feature's max activation over the indexed tokens")
+    children: int = Field(description="children whose directions were added (0 without with_children)")
+    steered: Continuation = Field(description="greedy continuation with the feature's direction added")
+    unsteered: Continuation = Field(description="greedy continuation of the same prompt, unchanged")
     elapsed_ms: float
 
 

@@ -74,6 +74,7 @@ def feature_summary(row: Any) -> dict[str, Any]:
         "level": row.level,
         "index": row.idx,
         "label": row.label,
+        "auto_label": row.auto_label,
         "tags": row.tags or [],
         "density": row.density,
         "max_act": row.max_act,

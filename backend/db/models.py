@@ -130,6 +130,9 @@ class Feature(Base):
     histogram: Mapped[dict[str, Any]] = mapped_column(
         deferred=True, doc='{"edges": [b0, ..., bn], "counts": [c0, ..., c(n-1)]} of non-zero activations'
     )
+    auto_label: Mapped[str | None] = mapped_column(
+        String(200), doc="the tokens it fires on most (backend/index/labels.py); shown until labelled"
+    )
     label: Mapped[str | None] = mapped_column(String(500))
     note: Mapped[str | None] = mapped_column(Text)
     tags: Mapped[list[Any]] = mapped_column(default=list)

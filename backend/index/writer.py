@@ -1,6 +1,6 @@
 """Write an index result into the database so that readers only ever see whole runs.
 
-Protocol: the run row is inserted with complete=False; features, edges, contexts and examples follow in
+Protocol: the run row is inserted with complete=False; contexts, features, edges and examples follow in
 batches, each its own short transaction (so annotation writes on other runs interleave); one final transaction
 makes the run complete (for a replacement: hides the old run and shows the new one, so readers see one or the
 other); the old run is then deleted. On any exception, Ctrl-C included, the new run is deleted before the
@@ -31,6 +31,7 @@ from backend.db.models import (
     visible_runs,
 )
 from backend.db.session import check_schema, compact_json, make_engine
+from backend.index.labels import auto_label
 from trainer.errors import HSAEError
 from trainer.index.accumulate import KIND_QUANTILE, KIND_TOP, IndexResult, LevelIndex
 from trainer.index.contexts import ContextProvider
@@ -141,10 +142,10 @@ def write_run(
         run_id = _insert_run(engine, result, info)
         try:
             writer = _Writer(engine, run_id, result, batch_rows, progress)
+            lengths = writer.contexts(contexts)  # first: the features' automatic labels come from them
             writer.features(output_tokens)
             writer.edges(edge_cosines)
             writer.relatives(relative_cosines)
-            lengths = writer.contexts(contexts)
             writer.examples(lengths)
             old_run = _publish(engine, run_id, info, replace)
         except BaseException:
@@ -253,6 +254,28 @@ class _Writer:
                  progress: Progress | None):
         self.engine, self.run_id, self.result = engine, run_id, result
         self.batch_rows, self.progress = batch_rows, progress
+        # The token at the strongest position of every top example, read as the contexts are written.
+        self.wanted: dict[int, set[int]] = {}
+        for lv in result.levels:
+            top = lv.examples.kind == KIND_TOP
+            for context, position in zip(
+                lv.examples.context[top].tolist(), lv.examples.max_position[top].tolist(), strict=True
+            ):
+                self.wanted.setdefault(context, set()).add(position)
+        self.activating: dict[tuple[int, int], str] = {}
+
+    def auto_labels(self, lv: LevelIndex) -> dict[int, str | None]:
+        """Per feature of the level that has top examples, its automatic label (backend/index/labels.py)."""
+        ex = lv.examples
+        top = ex.kind == KIND_TOP  # rows sorted by (feature, kind, bucket, rank): strongest first
+        tokens: dict[int, list[str]] = {}
+        for feature, context, position in zip(
+            ex.feature[top].tolist(), ex.context[top].tolist(), ex.max_position[top].tolist(), strict=True
+        ):
+            token = self.activating.get((context, position))
+            if token is not None:
+                tokens.setdefault(feature, []).append(token)
+        return {feature: auto_label(found) for feature, found in tokens.items()}
 
     def _insert(self, stage: str, model: Any, rows: list[dict[str, Any]], done: int, total: int) -> None:
         if rows:
@@ -272,9 +295,11 @@ class _Writer:
             tokens = output_tokens[lv.level] if output_tokens is not None else None
             density, mean_act = result.density(lv.level), lv.mean_act()
             child_count = result.child_count(lv.level)
+            labels = self.auto_labels(lv)
             for rows in _batches(lv.width, self.batch_rows):
                 batch = [
                     self._feature_row(lv.level, int(i), lv, density, mean_act, child_count, edges, tokens)
+                    | {"auto_label": labels.get(i)}
                     for i in range(rows.start, rows.stop)
                 ]
                 done += len(batch)
@@ -362,6 +387,9 @@ class _Writer:
             batch = []
             for context_id, record in zip(wanted, records, strict=True):
                 lengths[context_id] = len(record.tokens)
+                for position in self.wanted.get(context_id, ()):
+                    if position < len(record.tokens):
+                        self.activating[(context_id, position)] = record.tokens[position]
                 batch.append({"run_id": self.run_id, "context_id": context_id, "tokens": list(record.tokens),
                               "doc_id": record.doc_id, "start": record.start})
             self._insert("contexts", Context, batch, rows.stop, len(ids))

@@ -5,7 +5,7 @@
   server that is only browsed never imports torch.
 - transformer.py: TransformerLiveModel, a run's language model stopped after its layer, and its HSAE.
 - answer.py: the answer's shape: per-token features with parent links, and the summary tree.
-- service.py: LiveService, the bounded queue, batching, deadlines and the model cache.
+- service.py: LiveService (activations, steering), the bounded queue, batching, deadlines, the model cache.
 - errors.py: the errors a live request can answer with (413, 503, 504, 409).
 
 As in the index, every prompt starts with the tokenizer's BOS token, which takes the attention-sink role and
@@ -13,10 +13,19 @@ is not shown; special tokens written in the text are dropped; a latent is active
 """
 
 from backend.live.errors import LiveBusy, LiveError, LiveTimeout, LiveUnavailable, PromptTooLong
-from backend.live.model import LevelCodes, LiveModel, LiveRunSpec, PromptToken
+from backend.live.model import (
+    Continuation,
+    LevelCodes,
+    LiveModel,
+    LiveRunSpec,
+    PromptToken,
+    SteerOutput,
+    SteerTerm,
+)
 from backend.live.service import LiveResult, LiveService
 
 __all__ = [
+    "Continuation",
     "LevelCodes",
     "LiveBusy",
     "LiveError",
@@ -28,4 +37,6 @@ __all__ = [
     "LiveUnavailable",
     "PromptToken",
     "PromptTooLong",
+    "SteerOutput",
+    "SteerTerm",
 ]

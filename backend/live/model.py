@@ -39,6 +39,28 @@ class LevelCodes:
     values_TK: np.ndarray  # float32
 
 
+@dataclass(frozen=True)
+class SteerTerm:
+    """One decoder direction added while steering: feature (level, index) at `coefficient` times its
+    contribution at activation 1 (the service passes strength × the feature's max activation)."""
+
+    level: int
+    index: int
+    coefficient: float
+
+
+@dataclass(frozen=True)
+class Continuation:
+    text: str
+    token_ids: list[int]
+
+
+@dataclass(frozen=True)
+class SteerOutput:
+    steered: Continuation
+    unsteered: Continuation
+
+
 class LiveModel(Protocol):
     device: str
     parents: list[
@@ -49,6 +71,11 @@ class LiveModel(Protocol):
 
     def encode(self, prompts: list[list[int]]) -> list[list[LevelCodes]]:
         """Per prompt, per level, the codes of its tokens (BOS excluded)."""
+        ...
+
+    def steer(self, prompt: list[int], terms: list[SteerTerm], max_new_tokens: int) -> SteerOutput:
+        """Greedy continuations of the prompt with the terms' directions added at the hooked layer, and
+        without."""
         ...
 
 

@@ -22,7 +22,15 @@ from typing import Any
 
 from backend.live.answer import summary_tree, token_rows
 from backend.live.errors import LiveBusy, LiveTimeout, LiveUnavailable, PromptTooLong
-from backend.live.model import LevelCodes, LiveModel, LiveRunSpec, free_device_memory, load_model
+from backend.live.model import (
+    LevelCodes,
+    LiveModel,
+    LiveRunSpec,
+    SteerOutput,
+    SteerTerm,
+    free_device_memory,
+    load_model,
+)
 from backend.settings import Settings
 
 CHARS_PER_TOKEN_BOUND = (
@@ -36,6 +44,7 @@ class _Job:
     token_ids: list[int]
     future: asyncio.Future
     cancelled: bool = False
+    call: Callable[[], Any] | None = None  # work of its own (steering), run alone; None: encode token_ids
 
 
 @dataclass
@@ -78,19 +87,10 @@ class LiveService:
 
     async def activations(self, spec: LiveRunSpec, text: str) -> LiveResult:
         started = time.perf_counter()
-        if len(text) > self.max_tokens * CHARS_PER_TOKEN_BOUND:
-            raise PromptTooLong(
-                f"the prompt has {len(text)} characters, far more than the limit of {self.max_tokens} tokens"
-            )
         job: _Job | None = None
         try:
             async with asyncio.timeout(self.timeout_s):
-                model = await asyncio.wrap_future(self._model_future(spec))
-                tokens = await asyncio.to_thread(model.tokenize, text)
-                if len(tokens) > self.max_tokens:
-                    raise PromptTooLong(
-                        f"the prompt has {len(tokens)} tokens; the limit is {self.max_tokens}"
-                    )
+                model, tokens = await self._tokenized(spec, text)
                 codes: list[LevelCodes] = []
                 if tokens:
                     job = self._enqueue(model, [t.id for t in tokens])
@@ -98,14 +98,48 @@ class LiveService:
         except TimeoutError:
             if job is not None:
                 job.cancelled = True
-            raise LiveTimeout(
-                f"the live model did not answer within {self.timeout_s:g} s; try again later"
-            ) from None
+            raise self._timeout() from None
         # Building the answer is pure Python work proportional to the prompt: off the event loop too.
         rows, summary = await asyncio.to_thread(
             lambda: (token_rows(text, tokens, codes, model.parents), summary_tree(codes, model.parents))
         )
         return LiveResult(rows, summary, model.device, (time.perf_counter() - started) * 1000)
+
+    async def steer(
+        self, spec: LiveRunSpec, text: str, terms: list[SteerTerm], max_new_tokens: int
+    ) -> tuple[SteerOutput, str, float]:
+        """The steered and unsteered continuations of `text`, with the model's device and the elapsed ms.
+        The same limits as `activations`: the prompt's token limit (413), the queue (503, where a steering
+        request takes one place) and the deadline (504)."""
+        started = time.perf_counter()
+        job: _Job | None = None
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                model, tokens = await self._tokenized(spec, text)
+                job = self._enqueue(
+                    model, [t.id for t in tokens], call=partial(
+                        model.steer, [t.id for t in tokens], terms, max_new_tokens)
+                )
+                output = await job.future
+        except TimeoutError:
+            if job is not None:
+                job.cancelled = True
+            raise self._timeout() from None
+        return output, model.device, (time.perf_counter() - started) * 1000
+
+    async def _tokenized(self, spec: LiveRunSpec, text: str) -> tuple[LiveModel, list]:
+        if len(text) > self.max_tokens * CHARS_PER_TOKEN_BOUND:
+            raise PromptTooLong(
+                f"the prompt has {len(text)} characters, far more than the limit of {self.max_tokens} tokens"
+            )
+        model = await asyncio.wrap_future(self._model_future(spec))
+        tokens = await asyncio.to_thread(model.tokenize, text)
+        if len(tokens) > self.max_tokens:
+            raise PromptTooLong(f"the prompt has {len(tokens)} tokens; the limit is {self.max_tokens}")
+        return model, tokens
+
+    def _timeout(self) -> LiveTimeout:
+        return LiveTimeout(f"the live model did not answer within {self.timeout_s:g} s; try again later")
 
     def _model_future(self, spec: LiveRunSpec) -> concurrent.futures.Future:
         """A future of the loaded model: done at once when cached; one load per run however many ask."""
@@ -134,9 +168,9 @@ class LiveService:
                 free_device_memory()
         return model
 
-    def _enqueue(self, model: LiveModel, token_ids: list[int]) -> _Job:
+    def _enqueue(self, model: LiveModel, token_ids: list[int], call: Callable[[], Any] | None = None) -> _Job:
         state = self._state()
-        job = _Job(model, token_ids, state.loop.create_future())
+        job = _Job(model, token_ids, state.loop.create_future(), call=call)
         try:
             state.queue.put_nowait(job)
         except asyncio.QueueFull:
@@ -162,9 +196,19 @@ class LiveService:
             while len(jobs) < self.batch_size and not queue.empty():
                 jobs.append(queue.get_nowait())
             jobs = [job for job in jobs if not job.cancelled and not job.future.done()]
+            for job in [job for job in jobs if job.call is not None]:
+                try:
+                    output = await loop.run_in_executor(self._executor, job.call)
+                except Exception as err:
+                    if not job.future.done():
+                        job.future.set_exception(err)
+                    continue
+                if not job.future.done():
+                    job.future.set_result(output)
             by_model: dict[int, list[_Job]] = {}
             for job in jobs:
-                by_model.setdefault(id(job.model), []).append(job)
+                if job.call is None:
+                    by_model.setdefault(id(job.model), []).append(job)
             for group in by_model.values():
                 started = time.perf_counter()
                 try:

@@ -10,9 +10,9 @@ import numpy as np
 import torch
 
 from backend.live.errors import LiveUnavailable
-from backend.live.model import LevelCodes, LiveRunSpec, PromptToken
+from backend.live.model import Continuation, LevelCodes, LiveRunSpec, PromptToken, SteerOutput, SteerTerm
 from trainer.errors import HSAEError
-from trainer.outliers import encode_inliers
+from trainer.outliers import encode_inliers, inliers
 
 
 class TransformerLiveModel:
@@ -25,6 +25,7 @@ class TransformerLiveModel:
         tokenizer = lm.tokenizer
         self.bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
         self.special = set(tokenizer.all_special_ids)
+        self._directions: dict[int, torch.Tensor] = {}
         self.parents = [
             None if level == 0 else _as_numpy(hsae.parent_of(level))
             for level in range(len(hsae.level_widths))
@@ -92,6 +93,66 @@ class TransformerLiveModel:
             out.append([LevelCodes(indices[start:stop], values[start:stop]) for indices, values in per_level])
             start = stop
         return out
+
+
+    def direction(self, level: int, index: int) -> torch.Tensor:
+        """A feature's unit decoder direction [D] (float32), each level's directions computed once."""
+        if level not in self._directions:
+            self._directions[level] = self.hsae.decoder_directions(level).float()
+        return self._directions[level][index]
+
+    @torch.inference_mode()
+    def steer(self, prompt: list[int], terms: list[SteerTerm], max_new_tokens: int) -> SteerOutput:
+        """Greedy generation of a batch of two copies of the prompt; on the first, every position's output
+        of the hooked layer gets each term's decoder direction times its coefficient, taken back from the
+        HSAE's normalised space to the residual stream's (the inverse of the HSAE's input normalisation
+        of that token: a feature at activation a adds a · direction / scale, as its decoder would).
+        Positions with massive activations (the BOS attention sink) get nothing, as no feature is ever
+        active on them. The second copy is the unsteered continuation; with all coefficients 0 the two
+        are identical."""
+        device = self.lm.device
+        vector_D = torch.zeros(self.hsae.d_in, dtype=torch.float32, device=device)
+        for term in terms:
+            vector_D += term.coefficient * self.direction(term.level, term.index).to(device)
+        rows_B11 = torch.tensor([1.0, 0.0], device=device).view(2, 1, 1)
+
+        def add(_module, _inputs, output):
+            hidden_BTD = output[0] if isinstance(output, tuple) else output
+            flat_ND = hidden_BTD.reshape(-1, hidden_BTD.shape[-1]).float()
+            _, scale_N1 = self.hsae.normalize(flat_ND)
+            push_ND = (vector_D / scale_N1) * inliers(flat_ND, self.max_norm).unsqueeze(-1)
+            push_BTD = push_ND.view(hidden_BTD.shape) * rows_B11
+            new = (hidden_BTD.float() + push_BTD).to(hidden_BTD.dtype)
+            return (new, *output[1:]) if isinstance(output, tuple) else new
+
+        ids_BT = torch.tensor([[self.bos, *prompt]] * 2, device=device)
+        tokenizer = self.lm.tokenizer
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        handle = self.lm.block.register_forward_hook(add)
+        try:
+            out_BT = self.lm.model.generate(
+                input_ids=ids_BT,
+                attention_mask=torch.ones_like(ids_BT),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                num_beams=1,
+                pad_token_id=pad,
+                temperature=None,
+                top_p=None,
+                top_k=None,
+            )
+        finally:
+            handle.remove()
+        steered, unsteered = (out_BT[b, ids_BT.shape[1] :].tolist() for b in range(2))
+        return SteerOutput(self._continuation(steered), self._continuation(unsteered))
+
+    def _continuation(self, ids: list[int]) -> Continuation:
+        """The generated ids up to the first end-of-text token (a row that ended first is padded after it)."""
+        ends = self.lm.model.generation_config.eos_token_id
+        ends = set(ends if isinstance(ends, list) else [] if ends is None else [ends])
+        stop = next((i for i, token in enumerate(ids) if token in ends), len(ids))
+        ids = ids[:stop]
+        return Continuation(self.lm.tokenizer.decode(ids), ids)
 
 
 def _as_numpy(tensor: torch.Tensor | None) -> np.ndarray | None:

@@ -74,6 +74,7 @@ export const api = {
     request("PUT", `${featureUrl(run, level, index)}/annotation`, { body: annotation }),
   search: (run, params, signal) => request("GET", `${runUrl(run)}/search`, { params, signal }),
   activations: (run, text) => request("POST", `${runUrl(run)}/activations`, { body: { text } }),
+  steer: (run, body) => request("POST", `${runUrl(run)}/steer`, { body }),
 };
 
 export const auth = {

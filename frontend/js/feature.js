@@ -8,7 +8,7 @@ import { histogramChart, topTokensChart } from "./charts.js";
 import { featureId, formatDensity, formatInt, formatValue } from "./format.js";
 import { relativesCard } from "./relatives.js";
 import { tokenStrip } from "./tokens.js";
-import { densityBar, featureName, levelDot, probBar, stat, tagList } from "./widgets.js";
+import { autoLabelLine, densityBar, featureName, levelDot, probBar, stat, tagList } from "./widgets.js";
 
 mountAuthBar(document.getElementById("auth"));
 
@@ -47,6 +47,7 @@ function titleBlock(d) {
     h("div", { class: "muted mono" }, levelDot(d.level), " ", featureId(d.level, d.index),
       d.level === 0 ? " · root" : d.parent ? null : " · no parent (unassigned)"),
     h("h1", { id: "feature-title", class: d.label ? "" : "unlabelled" }, d.label || "Unlabelled feature"),
+    autoLabelLine(d),
     h("div", { id: "feature-tags" }, tagList(d.tags)),
     d.note ? h("p", { class: "feature-note", id: "feature-note" }, d.note) : h("p", { id: "feature-note", hidden: true }),
     h("div", { class: "stats" },
@@ -80,6 +81,8 @@ function actions(d) {
   });
   return h("div", { class: "actions" },
     h("a", { class: "btn", href: forestFocusPath(RUN, d.level, d.index), id: "show-in-forest" }, "Show in forest"),
+    h("a", { class: "btn", href: `${runPath(RUN)}/prompt?steer=${d.level}:${d.index}`, id: "steer-with",
+      title: "open the prompt view with this feature picked for steering" }, "Steer with it"),
     depth, button, status);
 }
 

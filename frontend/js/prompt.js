@@ -1,7 +1,9 @@
 // `/runs/{run}/prompt`: run a prompt through the model and the HSAE. The token strip is shaded by activation
 // (the strongest top-level feature per token, or one chosen feature); clicking a token shows its active
 // features as a small forest: active parents with their active children, each linked to its feature page and
-// to its place in the forest.
+// to its place in the forest. The steering panel generates a continuation of the prompt with a feature's
+// direction added, next to the unsteered one (a token's features have a "steer" button that picks them;
+// `?steer=level:index` picks one from a link).
 import { api, featurePath, forestFocusPath } from "./api.js";
 import { mountAuthBar } from "./authbar.js";
 import { h, replace } from "./dom.js";
@@ -94,6 +96,8 @@ function shade(feature) {
 function featureNode(level, index, value, { extra = null, max = 1 } = {}) {
   const shadeButton = h("button", { class: "btn small ghost", type: "button", title: "shade the prompt by this feature" }, "shade");
   shadeButton.addEventListener("click", () => shade({ level, index }));
+  const steerButton = h("button", { class: "btn small ghost", type: "button", title: "steer the prompt's continuation with this feature" }, "steer");
+  steerButton.addEventListener("click", () => pickSteerFeature(level, index));
   const node = h("div", { class: "fnode", dataset: { key: keyOf(level, index), level, index } },
     h("span", { class: "act-val", style: { background: activationColor(value, max) }, title: "activation" }, formatValue(value)),
     levelDot(level),
@@ -102,6 +106,7 @@ function featureNode(level, index, value, { extra = null, max = 1 } = {}) {
     extra,
     h("span", { class: "links" },
       shadeButton,
+      steerButton,
       h("a", { href: forestFocusPath(RUN, level, index), title: "show this feature's path in the forest" }, "in forest")));
   if (view.shadeBy && view.shadeBy.level === level && view.shadeBy.index === index) node.classList.add("shading");
   return node;
@@ -228,6 +233,68 @@ async function submit(event) {
   }
 }
 
+// ---- steering -------------------------------------------------------------------------------------------
+const steer = {
+  form: document.getElementById("steer-form"),
+  level: document.getElementById("steer-level"),
+  index: document.getElementById("steer-index"),
+  strength: document.getElementById("steer-strength"),
+  tokens: document.getElementById("steer-tokens"),
+  children: document.getElementById("steer-children"),
+  run: document.getElementById("steer-run"),
+  status: document.getElementById("steer-status"),
+  result: document.getElementById("steer-result"),
+  steered: document.getElementById("steer-steered"),
+  unsteered: document.getElementById("steer-unsteered"),
+  steeredTitle: document.getElementById("steer-steered-title"),
+};
+
+function pickSteerFeature(level, index) {
+  steer.level.value = String(level);
+  steer.index.value = String(index);
+  steer.form.scrollIntoView({ block: "nearest" });
+  steer.strength.focus();
+}
+
+function continuation(target, prompt, text) {
+  replace(target, h("span", { class: "prompt-part" }, prompt), h("span", { class: "generated" }, text));
+}
+
+async function submitSteer(event) {
+  event?.preventDefault();
+  const text = textBox.value;
+  if (!text.trim()) return;
+  const body = {
+    text,
+    feature: { level: Number(steer.level.value), index: Number(steer.index.value) },
+    strength: Number(steer.strength.value),
+    max_new_tokens: Number(steer.tokens.value),
+    with_children: steer.children.checked,
+  };
+  steer.run.disabled = true;
+  steer.status.className = "status";
+  replace(steer.status, h("span", { class: "spinner" }), " Generating…");
+  try {
+    const data = await api.steer(RUN, body);
+    const feature = featureId(data.feature.level, data.feature.index);
+    const children = data.children ? ` + ${formatInt(data.children)} children` : "";
+    steer.steeredTitle.textContent = `Steered: ${feature}${children} × ${data.strength} (max act ${formatValue(data.max_act)})`;
+    continuation(steer.unsteered, text, data.unsteered.text);
+    continuation(steer.steered, text, data.steered.text);
+    steer.result.hidden = false;
+    steer.status.textContent = `${Math.round(data.elapsed_ms)} ms on the server`;
+  } catch (err) {
+    steer.status.className = "status error";
+    steer.status.textContent = err.message;
+  } finally {
+    steer.run.disabled = false;
+  }
+}
+
+steer.form.addEventListener("submit", submitSteer);
+const steerParam = new URLSearchParams(location.search).get("steer")?.match(/^(\d+):(\d+)$/);
+if (steerParam) pickSteerFeature(Number(steerParam[1]), Number(steerParam[2]));
+
 form.addEventListener("submit", submit);
 textBox.addEventListener("keydown", (e) => { if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) submit(e); });
 
@@ -235,11 +302,13 @@ api.run(RUN).then((run) => {
   liveInfo.textContent = `${run.model} · layer ${run.layer}`;
   if (!run.live) {
     runButton.disabled = true;
+    steer.run.disabled = true;
     status.className = "status error";
     status.textContent = "This run has no checkpoint on this server: live prompts are unavailable.";
   }
 }).catch((err) => {
   runButton.disabled = true;
+  steer.run.disabled = true;
   status.className = "status error";
   status.textContent = err.message;
 });

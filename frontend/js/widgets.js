@@ -3,12 +3,24 @@ import { h } from "./dom.js";
 import { densityWidth, formatDensity, formatProb, tokenLabel } from "./format.js";
 
 /** A feature's label, or (unlabelled) its top output tokens as chips. */
+/** A person's label; else the automatic label (the tokens the feature fires on most) and a few of the output
+ * tokens it promotes; else just those. */
 export function featureName(summary, { maxTokens = 5 } = {}) {
   if (summary.label) return h("span", { class: "fname" }, h("span", { class: "label" }, summary.label));
-  const tokens = (summary.top_tokens || []).slice(0, maxTokens);
-  if (!tokens.length) return h("span", { class: "fname faint" }, "unlabelled");
-  return h("span", { class: "fname tok-preview", title: `top output tokens: ${tokens.join("  ")}` },
-    tokens.map((t) => h("span", { class: "tok-chip" }, tokenLabel(t))));
+  const auto = summary.auto_label
+    ? h("span", { class: "auto-label", title: "automatic label: the tokens it fires on most (a label written for it replaces this)" }, summary.auto_label)
+    : null;
+  const tokens = (summary.top_tokens || []).slice(0, auto ? Math.min(maxTokens, 3) : maxTokens);
+  if (!tokens.length && !auto) return h("span", { class: "fname faint" }, "unlabelled");
+  return h("span", { class: "fname tok-preview" }, auto,
+    tokens.map((t) => h("span", { class: "tok-chip", title: "an output token it promotes" }, tokenLabel(t))));
+}
+
+/** "fires most on: …" under a feature's title, when it has an automatic label. */
+export function autoLabelLine(d) {
+  if (!d.auto_label) return null;
+  return h("div", { class: "auto-label-line muted", title: "the tokens at the strongest position of its top examples" },
+    "fires most on: ", h("span", { class: "auto-label" }, d.auto_label));
 }
 
 export function levelDot(level) {

@@ -222,3 +222,107 @@ def test_timeout_answers_504(live_db):
     (response,) = asyncio.run(post_all(app, 1))
     body = assert_error(response, 504, "timeout")
     assert "0.3 s" in body["detail"]
+
+
+# ---- steering ----------------------------------------------------------------------------------------------
+STEER = f"/api/v1/runs/{LIVE_RUN}/steer"
+STEER_PROMPT = "The cat sat on the"
+
+
+def greedy_ids(lm, text: str, max_new_tokens: int) -> list[int]:
+    """The model's own greedy continuation, generated here without the server."""
+    prompt = lm.tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([[lm.tokenizer.bos_token_id, *prompt]])
+    with torch.inference_mode():
+        out = lm.model.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+            do_sample=False, pad_token_id=lm.tokenizer.eos_token_id, temperature=None, top_p=None, top_k=None,
+        )
+    return out[0, ids.shape[1] :].tolist()
+
+
+@pytest.mark.slow
+def test_steering_changes_the_continuation_and_strength_zero_reproduces_it(live_client, lm):
+    ask = {"text": STEER_PROMPT, "feature": {"level": 0, "index": 3}, "max_new_tokens": 8}
+    zero = live_client.post(STEER, json={**ask, "strength": 0})
+    assert zero.status_code == 200, zero.text
+    zero = zero.json()
+    assert zero["steered"] == zero["unsteered"]
+    assert zero["unsteered"]["token_ids"] == greedy_ids(lm, STEER_PROMPT, 8)
+    assert zero["unsteered"]["text"] == lm.tokenizer.decode(zero["unsteered"]["token_ids"])
+    assert (zero["feature"], zero["max_act"], zero["children"]) == (
+        {"level": 0, "index": 3, "label": None}, 4.0, 0)  # SynthRun: max_act = 1 + index % 5
+
+    steered = live_client.post(STEER, json={**ask, "strength": 1}).json()
+    assert steered["unsteered"] == zero["unsteered"]
+    assert steered["steered"]["token_ids"] != steered["unsteered"]["token_ids"]
+    assert len(steered["steered"]["token_ids"]) <= 8
+
+    # With its 4 MoE children's directions added too, the text changes again.
+    family = live_client.post(STEER, json={**ask, "strength": 1, "with_children": True}).json()
+    assert family["children"] == CHILDREN and family["unsteered"] == zero["unsteered"]
+    assert family["steered"]["token_ids"] != steered["steered"]["token_ids"]
+
+
+def test_steering_bad_requests(live_client):
+    ask = {"text": STEER_PROMPT, "feature": {"level": 0, "index": 0}, "strength": 2, "max_new_tokens": 4}
+    for bad in (
+        {**ask, "strength": 101}, {**ask, "strength": "x"}, {**ask, "max_new_tokens": 0},
+        {**ask, "max_new_tokens": 65}, {**ask, "feature": {"level": -1, "index": 0}},
+        {**ask, "feature": {"level": 0}}, {k: v for k, v in ask.items() if k != "feature"},
+        {**ask, "text": ""}, {**ask, "extra": 1},
+    ):
+        assert_error(live_client.post(STEER, json=bad), 422, "invalid_request")
+    nan = b'{"text": "a", "feature": {"level": 0, "index": 0}, "strength": NaN}'
+    nan = live_client.post(STEER, content=nan, headers={"content-type": "application/json"})
+    assert 400 <= nan.status_code < 500 and nan.json()["error"]
+    body = assert_error(live_client.post(STEER, json={**ask, "feature": {"level": 0, "index": WIDTH}}), 404)
+    assert f"no feature {WIDTH} at level 0" in body["detail"]
+    assert_error(live_client.post(STEER, json={**ask, "feature": {"level": 2, "index": 0}}), 404, "not_found")
+    dead = live_client.post(STEER, json={**ask, "feature": {"level": 0, "index": WIDTH - 1}})
+    dead = assert_error(dead, 422, "invalid_request")
+    assert "never fired" in dead["detail"]
+    assert_error(live_client.post("/api/v1/runs/nope/steer", json=ask), 404, "not_found")
+    elsewhere = live_client.post("/api/v1/runs/no-checkpoint/steer", json=ask)
+    body = assert_error(elsewhere, 409, "live_unavailable")
+    assert "no checkpoint path" in body["detail"]
+    assert_error(live_client.post(STEER, json={**ask, "text": "x" * 64 * 65}), 413, "prompt_too_long")
+
+
+class SlowSteerModel(SlowModel):
+    def steer(self, prompt, terms, max_new_tokens):
+        import time
+
+        from backend.live import Continuation, SteerOutput
+
+        time.sleep(self.delay)
+        return SteerOutput(Continuation("steered", [1]), Continuation("plain", [2]))
+
+
+def slow_steer_app(live_db: str, delay: float, **settings):
+    app = create_app(app_settings(live_db, **settings))
+    app.state.live = LiveService(app.state.settings, loader=lambda spec, device: SlowSteerModel(delay))
+    return app
+
+
+async def steer_all(app, n: int) -> list[httpx.Response]:
+    ask = {"text": "a b c", "feature": {"level": 0, "index": 1}, "strength": 1, "max_new_tokens": 2}
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        return await asyncio.gather(*(client.post(STEER, json=ask) for _ in range(n)))
+
+
+def test_steering_shares_the_live_queue_and_deadline(live_db):
+    (ok,) = asyncio.run(steer_all(slow_steer_app(live_db, 0.0), 1))
+    assert ok.status_code == 200, ok.text
+    assert (ok.json()["steered"]["text"], ok.json()["unsteered"]["text"]) == ("steered", "plain")
+    responses = asyncio.run(steer_all(
+        slow_steer_app(live_db, 0.4, live_queue_size=1, live_batch_size=1, live_timeout_s=10), 6))
+    statuses = sorted(r.status_code for r in responses)
+    # One place in the queue: whether the worker took the first request before the others came depends on
+    # the scheduler, so one or two are answered.
+    assert 200 in statuses and 503 in statuses and set(statuses) <= {200, 503}, statuses
+    busy = next(r for r in responses if r.status_code == 503)
+    assert int(busy.headers["retry-after"]) >= 1 and busy.json()["error"] == "busy"
+    (late,) = asyncio.run(steer_all(slow_steer_app(live_db, 1.5, live_timeout_s=0.3), 1))
+    assert "0.3 s" in assert_error(late, 504, "timeout")["detail"]

@@ -161,3 +161,25 @@ def test_labelled_forest(page, server):
     expect(page.locator("#preview h1")).to_have_text("Paris")
     expect(page.locator("#preview .ctx").first).to_be_visible()
     publish_screenshot(screenshot(page, "forest-labelled"))
+
+
+def test_rows_show_automatic_labels_until_a_person_labels_the_feature(page, server):
+    """In the themed forest a level-2 feature fires on one token only: that token is its automatic label."""
+    page.goto(f"{server.url}/runs/{RUN}?focus=2:1")
+    expect(row(page, 2, 1).locator(".auto-label")).to_have_text("Berlin")
+    expect(page.locator("#preview .auto-label-line")).to_have_text("fires most on: Berlin")
+    either = re.compile(r"^(Paris|Berlin)( · (Paris|Berlin))?$")  # level 1 fires on two tokens
+    expect(row(page, 1, 0).locator(".auto-label")).to_have_text(either)
+    expect(row(page, 0, 0).locator(".auto-label")).not_to_be_empty()
+    # The markup theme's tokens show as text.
+    expect(row(page, 0, 9).locator(".auto-label")).to_contain_text("<")
+    assert page.locator("#tree .auto-label img, #tree .auto-label b").count() == 0
+    screenshot(page, "forest-auto-labels")
+
+    response = page.request.put(f"{server.url}/api/v1/runs/{RUN}/features/2/1/annotation",
+                                data={"label": "the German capital"})
+    assert response.ok, response.text()
+    page.reload()
+    expect(row(page, 2, 1).locator(".label")).to_have_text("the German capital")
+    expect(row(page, 2, 1).locator(".auto-label")).to_have_count(0)
+    expect(row(page, 2, 0).locator(".auto-label")).to_have_text("Paris")

@@ -118,3 +118,48 @@ def test_a_run_without_checkpoint_says_live_prompts_are_unavailable(page, server
     page.goto(f"{server.url}/runs/{LABELLED_RUN}/prompt")
     expect(page.locator("#prompt-status")).to_contain_text("live prompts are unavailable")
     expect(page.locator("#prompt-run")).to_be_disabled()
+    expect(page.locator("#steer-run")).to_be_disabled()
+
+
+def test_steering_panel_shows_steered_and_unsteered_continuations(page, real_server):
+    prompt = "The capital of France is"
+    run_prompt(page, f"{real_server.url}/runs/{REAL_RUN}/prompt", prompt)
+    # A token's active feature picks itself for steering.
+    node = page.locator("#token-features .fnode").first
+    level, index = node.get_attribute("data-level"), node.get_attribute("data-index")
+    node.get_by_role("button", name="steer").click()
+    expect(page.locator("#steer-level")).to_have_value(level)
+    expect(page.locator("#steer-index")).to_have_value(index)
+    page.fill("#steer-tokens", "8")
+
+    def generate(strength: str) -> tuple[str, str]:
+        page.fill("#steer-strength", strength)
+        page.click("#steer-run")
+        expect(page.locator("#steer-steered-title")).to_contain_text(f"L{level} #{index}", timeout=60_000)
+        expect(page.locator("#steer-steered-title")).to_contain_text(f"× {strength} ", timeout=60_000)
+        expect(page.locator("#steer-result")).to_be_visible()
+        # Each continuation shows after the prompt, as text.
+        for side in ("#steer-steered", "#steer-unsteered"):
+            assert page.locator(f"{side} .prompt-part").text_content() == prompt
+        return (page.locator("#steer-unsteered .generated").text_content(),
+                page.locator("#steer-steered .generated").text_content())
+
+    plain, same = generate("0")
+    assert plain and same == plain
+    unsteered, steered = generate("40")
+    assert unsteered == plain and steered != plain
+    screenshot(page, "steer")
+
+    page.seen.allowed.append("status of 404")  # the unknown feature is refused, as it should be
+    page.fill("#steer-index", "99999")
+    page.click("#steer-run")
+    expect(page.locator("#steer-status")).to_contain_text("no feature 99999")
+    expect(page.locator("#steer-status")).to_have_class(re.compile(r"\berror\b"))
+
+
+def test_a_feature_page_opens_the_prompt_view_ready_to_steer_with_it(page, real_server):
+    page.goto(f"{real_server.url}/runs/{REAL_RUN}/features/1/5")
+    page.get_by_role("link", name="Steer with it").click()
+    expect(page).to_have_url(re.compile(rf"/runs/{REAL_RUN}/prompt\?steer=1:5$"))
+    expect(page.locator("#steer-level")).to_have_value("1")
+    expect(page.locator("#steer-index")).to_have_value("5")

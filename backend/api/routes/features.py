@@ -76,6 +76,7 @@ def feature(db: DbDep, run_name: RunName, level: LevelPath, index: IndexPath):
         "level": row.level,
         "index": row.idx,
         "label": row.label,
+        "auto_label": row.auto_label,
         "note": row.note,
         "tags": row.tags or [],
         "annotated_at": row.annotated_at,

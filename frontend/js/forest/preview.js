@@ -4,7 +4,7 @@ import { api, ApiError, featurePath } from "../api.js";
 import { debounce, h, replace } from "../dom.js";
 import { featureId, formatDensity, formatInt, formatValue, tokenLabel } from "../format.js";
 import { tokenStrip } from "../tokens.js";
-import { featureName, levelDot, probBar, stat, tagList } from "../widgets.js";
+import { autoLabelLine, featureName, levelDot, probBar, stat, tagList } from "../widgets.js";
 import { RUN, TreeNode, els, state } from "./state.js";
 
 export function showError(err) {
@@ -44,6 +44,7 @@ function renderPreview(d, examples) {
         h("a", { href: featurePath(RUN, d.parent.level, d.parent.index), title: d.parent.label ?? "" },
           featureId(d.parent.level, d.parent.index))) : null),
     h("h1", { class: d.label ? "" : "unlabelled" }, d.label || "Unlabelled feature"),
+    autoLabelLine(d),
     tagList(d.tags),
     h("div", { class: "stats" },
       stat("density", formatDensity(d.stats.density)),
