@@ -212,7 +212,9 @@ def test_full_queue_answers_503_with_retry_after(live_db):
     app = slow_app(live_db, 0.4, live_queue_size=1, live_batch_size=1, live_timeout_s=10)
     responses = asyncio.run(post_all(app, 6))
     statuses = sorted(r.status_code for r in responses)
-    assert statuses.count(200) >= 2 and 503 in statuses and set(statuses) <= {200, 503}, statuses
+    # one or two get through (the running one, and the queued one if the worker took the first before the
+    # others arrived: up to the scheduler); tests/backend/test_live_service.py pins the exact counts
+    assert statuses.count(200) >= 1 and 503 in statuses and set(statuses) <= {200, 503}, statuses
     busy = next(r for r in responses if r.status_code == 503)
     assert int(busy.headers["retry-after"]) >= 1 and busy.json()["error"] == "busy"
 
