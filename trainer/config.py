@@ -111,6 +111,11 @@ class ArchConfig:
     of what their parent leaves unexplained, children by spherical k-means in that subspace): all experts the
     first time, later only experts with a starved child. Empty = never (the paper: random init only)."""
 
+    merge_cos: float = 1.0
+    """`moe`: at each expert re-initialisation, top-level latents whose decoder rows are closer than this
+    cosine and that (almost) never fire on the same token are merged into one parent, its expert telling them
+    apart; the freed latent is re-seeded. 1 = never."""
+
     child_init_at: list[float] = field(default_factory=lambda: [0.3, 0.6])
     """`tree`: fractions of the run at which children are initialised from data (every level below the top,
     top first): each parent's events (its own contribution plus what its level leaves unexplained) are split

@@ -385,6 +385,50 @@ def test_moe_expert_subspaces_avoid_the_residual_every_token_shares():
 
 
 
+def test_moe_merges_the_fragments_of_a_split_parent_and_nothing_else():
+    """A parent split across two top latents, each taking some of its children (what training did with spare
+    latents on the synthetic family), is merged into one parent whose expert tells the children apart; the
+    freed latent is re-seeded. Distinct parents, which fire together at their base rate, stay as they are."""
+    from trainer.models.moe import merge_fragments
+
+    d, C = 32, 4
+    g = torch.Generator().manual_seed(2)
+    basis = torch.linalg.qr(torch.randn(d, d, generator=g)).Q.T
+    parents, own = basis[:3].clone(), basis[3:7]  # parent 0 has four children in its own 4 dimensions
+    parents[2] = 0.6 * basis[1] + 0.8 * basis[7]  # as close to parent 1 as the fragments are to each other
+    p = torch.randint(0, 3, (4000,), generator=g)
+    q = (p + torch.randint(1, 3, (4000,), generator=g)) % 3  # a second, different parent on every row
+    c = torch.randint(0, C, (4000,), generator=g)
+    x = parents[p] + parents[q] + 0.8 * torch.where(((p == 0) | (q == 0)).unsqueeze(-1), own[c], 0)
+    x += 0.01 * torch.randn(4000, d, generator=g)
+    # latents 0 and 3: the fragments of parent 0 (children 0-1 and 2-3); 1, 2: the other parents
+    first, second = own[:2].sum(0) - own[2:].sum(0), own[2:].sum(0) - own[:2].sum(0)
+    decoders = torch.stack([parents[0] + 0.2 * first, parents[1], parents[2], parents[0] + 0.2 * second])
+    model = build_model(ArchConfig(arch="moe", width=4, k=2, children=C, subspace=4, center=False), d, seed=0)
+    with torch.no_grad():
+        model.W_dec_FD.copy_(unit_rows(decoders))
+        discriminating = torch.stack([first, 0 * first, 0 * first, second])
+        model.W_enc_DF.copy_((parents[[0, 1, 2, 0]] + 1.5 * discriminating).T)
+    x_n = model.normalize(x)[0]
+    fires = lambda: model.encode(x)[0].indices  # noqa: E731
+    before = fires()
+    fragments = [(before == f).any(-1) for f in (0, 3)]
+    assert (fragments[0] & fragments[1]).sum() == 0  # the premise: the fragments never fire together
+    assert ((fragments[0] | fragments[1]) == (p == 0) | (q == 0)).float().mean() > 0.99
+    dec_before = model.W_dec_FD.detach().clone()
+
+    merged = merge_fragments(model, x_n, min_cos=0.5)
+
+    assert len(merged) == 1 and merged[0] in (0, 3)
+    after = fires()
+    union = (p == 0) | (q == 0)
+    assert ((after == merged[0]).any(-1) == union).float().mean() > 0.99
+    assert float(dec_before[1] @ dec_before[2]) > 0.5  # similar, but they fire together at their base rate
+    assert torch.equal(model.W_dec_FD.detach()[1:3], dec_before[1:3])  # so they stay as they are
+    freed = 3 - merged[0]
+    assert float(unit_rows(model.W_dec_FD.detach()[freed]) @ parents[0]) < 0.5  # re-seeded elsewhere
+
+
 def test_tree_child_data_init_gives_every_true_child_its_own_latent():
     """The issue's "leaning" hierarchy (children lean towards their parent at cos 0.4, magnitudes of their
     own): with level 0 holding the true parents, one data initialisation of level 1 gives almost every true

@@ -71,7 +71,60 @@ def grouped_matvec(x_BD: Tensor, tokens_N: Tensor, experts_N: Tensor, W_EOD: Ten
 
 
 @torch.no_grad()
-def init_experts(model: MoEHSAE, x_BD: Tensor, only_starved: bool) -> int:
+def merge_fragments(model: MoEHSAE, x_BD: Tensor, min_cos: float, rounds: int = 4) -> list[int]:
+    """Merges top-level latents that are fragments of one parent: decoder rows closer than `min_cos` that
+    (almost) never fire on the same token. Each pair becomes one parent whose expert tells the fragments
+    apart; the freed latent is re-seeded on the residual of a badly reconstructed sample token (as dead
+    latents are resampled). Returns the merged parents.
+
+    Why: with more top latents than the data has parents, training splits a parent into latents that each
+    take some of its children (the flat SAE's feature splitting, one level up). Measured on the synthetic
+    family, such fragments fire on disjoint rows with decoder cosines of 0.5-0.9, while distinct parents
+    co-fire at their base rates."""
+    merged: list[int] = []
+    generator = torch.Generator(device=x_BD.device).manual_seed(len(x_BD))
+    for _ in range(rounds):
+        codes, kept, _, _ = model._codes(x_BD)
+        on_BK = codes[0].indices >= 0
+        fire_NF = x_BD.new_zeros(len(x_BD), model.n_parents + 1)
+        fire_NF.scatter_(1, torch.where(on_BK, codes[0].indices, model.n_parents), 1.0)
+        fire_NF = fire_NF[:, :-1]
+        n_F = fire_NF.sum(0)
+        both_FF = fire_NF.T @ fire_NF
+        dec_FD = unit_rows(model.W_dec_FD)
+        cos_FF = dec_FD @ dec_FD.T
+        rarer_FF = torch.minimum(n_F[:, None], n_F[None, :])
+        ok_FF = (cos_FF > min_cos) & (both_FF <= 0.05 * rarer_FF) & (rarer_FF >= 1)
+        ok_FF = torch.triu(ok_FF, diagonal=1)
+        if not bool(ok_FF.any()):
+            break
+        pairs = torch.nonzero(ok_FF)
+        pairs = pairs[torch.argsort(cos_FF[pairs[:, 0], pairs[:, 1]], descending=True)].tolist()
+        residual_BD = x_BD - model.decode(codes, level=0) - model._decode_child_code(kept)
+        weight_B = residual_BD.pow(2).sum(-1)
+        enc_norm = float(model.W_enc_DF.norm(dim=0).mean())
+        taken: set[int] = set()
+        for i, j in pairs:
+            if i in taken or j in taken:
+                continue
+            taken.update((i, j))
+            keep, free = (i, j) if n_F[i] >= n_F[j] else (j, i)
+            w_keep, w_free = float(n_F[keep]), float(n_F[free])
+            d_D = unit_rows(w_keep * dec_FD[keep] + w_free * dec_FD[free])
+            gain = (w_keep * model.W_enc_DF[:, keep].norm() + w_free * model.W_enc_DF[:, free].norm())
+            model.W_dec_FD[keep] = d_D
+            model.W_enc_DF[:, keep] = d_D * gain / (w_keep + w_free)
+            row = int(torch.multinomial(weight_B, 1, generator=generator))
+            seed_D = unit_rows(residual_BD[row])
+            model.W_dec_FD[free] = seed_D
+            model.W_enc_DF[:, free] = seed_D * enc_norm
+            weight_B[row] = 0
+            merged.append(keep)
+    return merged
+
+
+@torch.no_grad()
+def init_experts(model: MoEHSAE, x_BD: Tensor, only_starved: bool, also: list[int] = ()) -> int:
     """Re-initialises experts from data. For each parent j, the residuals x − x̂_top of the sample tokens
     where j fires give the subspace: P↓_j = P↑_jᵀ span the s directions where j's residuals exceed the
     residuals of all sample tokens most (principal directions after whitening by the sample's residual
@@ -104,7 +157,7 @@ def init_experts(model: MoEHSAE, x_BD: Tensor, only_starved: bool) -> int:
     whiten_DD = _inverse_sqrt(residual_BD.T @ residual_BD / len(residual_BD))
     redone = []
     for j, n in enumerate(counts_F.tolist()):
-        if n < 4 * C or (only_starved and not bool(starved_F[j])):
+        if n < 4 * C or (only_starved and not bool(starved_F[j]) and j not in also):
             continue
         tokens_n = tokens_N[starts_F[j] : starts_F[j] + n]
         R_nD = residual_BD[tokens_n]
@@ -320,5 +373,7 @@ class MoEHSAE(HSAE):
         if sample_raw_ND is None:
             raise ValueError("re-initialising experts needs a sample of activations")
         x_BD = self.normalize(sample_raw_ND.to(self.W_dec_FD.device).float())[0]
-        init_experts(self, x_BD, only_starved=step > min(self.init_steps, default=0))
-        return [self.P_down_FSD, self.P_up_FSD, self.E_enc_FCS, self.D_dec_FCS]
+        merged = merge_fragments(self, x_BD, self.cfg.merge_cos) if self.cfg.merge_cos < 1 else []
+        init_experts(self, x_BD, only_starved=step > min(self.init_steps, default=0), also=merged)
+        top = [self.W_enc_DF, self.W_dec_FD] if merged else []
+        return [*top, self.P_down_FSD, self.P_up_FSD, self.E_enc_FCS, self.D_dec_FCS]
