@@ -80,7 +80,7 @@ class JumpReLULevel(TopKLevel):
         self.l0_ema.mul_(ema).add_((1 - ema) * l0.float())
         self.l0_ema_steps += 1
         smoothed = self.l0_ema / (1 - ema ** self.l0_ema_steps.float())
-        self.l0_lambda.add_(rate * (smoothed - self.target_l0)).clamp_(min=0)
+        self.l0_lambda.add_(rate * (smoothed - self.target_l0))
 
     @torch.no_grad()
     def fit_thresholds(self, x_BD: Tensor, latents_F: Tensor | None = None) -> None:
