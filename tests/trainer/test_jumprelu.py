@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -165,3 +166,31 @@ def test_jumprelu_target_defaults_to_each_levels_k():
     cfg = ArchConfig(arch="tree", levels=[8, 16], level_k=[2, 5], activation="jumprelu")
     assert cfg.target_l0 == [2.0, 5.0]
     assert ArchConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_encode_and_index_join_chunks_whose_codes_differ_in_width(rows, source, tmp_path, monkeypatch):
+    from safetensors.numpy import load_file
+
+    from trainer.index import pipeline
+    from trainer.workflows import run_encode
+
+    model = _fresh()
+    train(model, source, tiny_train_config(steps=5), tmp_path / "run", model_info=MODEL_INFO)
+    model.eval()
+    many = np.concatenate([rows, rows * 1.5, rows])  # 6144 rows: two chunks of `hsae encode`
+    np.save(tmp_path / "acts.npy", many)
+    out = tmp_path / "codes.safetensors"
+    run_encode(tmp_path / "run", None, str(tmp_path / "acts.npy"), None, "cpu", out)
+    written = load_file(out)
+    monkeypatch.setattr(pipeline, "ENCODE_ROWS", 1000)
+    indexed, _ = pipeline._encode(model, many, torch.device("cpu"), float("inf"))
+    x = torch.from_numpy(many)
+    for level, code in enumerate(model.encode(x)):
+        dense = torch.zeros(len(x), 48).scatter_add(1, code.indices.clamp(min=0), code.values)
+        for indices, values in [(written[f"level_{level}_indices"], written[f"level_{level}_values"]),
+                                indexed[level]]:
+            assert indices.shape[1] == code.indices.shape[1]  # the widest chunk's K
+            got = torch.zeros(len(x), 48).scatter_add(
+                1, torch.from_numpy(indices).clamp(min=0), torch.from_numpy(values).float()
+            )
+            torch.testing.assert_close(got, dense)
