@@ -12,7 +12,8 @@ re-assignment gives it after training (co-activation by default, the paper's enc
 many tokens its Hamming distance counts, so it is shown per 1,000 tokens and as a Jaccard distance).
 
     .venv/bin/python bench/bench_tree_jumprelu.py --activations ACTS.npy [--levels 256,1024] [--target-l0 16]
-        [--steps 400] [--batch 1024] [--lr 2e-3] [--preset project|paper] [--eval-rows 4096] [--seed 0]
+        [--steps 400] [--batch 1024] [--lr 2e-3] [--lambda-rate X] [--preset project|paper] [--no-child-init]
+        [--models tree,independent] [--eval-rows 4096] [--seed 0]
     .venv/bin/python bench/bench_tree_jumprelu.py --synthetic      # trainer/synthetic.py's "leaning" member
 
 Activations for --activations: any float [N, d] .npy, e.g. SmolLM2 layer 15 of the demo corpus saved from
@@ -85,6 +86,9 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--lambda-rate", type=float, default=None, help="η of the adaptive λ [config's]")
     parser.add_argument("--preset", default="project", choices=["project", "paper"])
+    parser.add_argument("--no-child-init", action="store_true",
+                        help="the tree without children initialised from data (as the paper)")
+    parser.add_argument("--models", default="tree,independent", help="which of tree,independent to train")
     parser.add_argument("--eval-rows", type=int, default=4096)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
@@ -100,11 +104,14 @@ def main() -> None:
             "target_l0": [args.target_l0] * len(levels)}
     if args.lambda_rate is not None:
         arch["lambda_rate"] = args.lambda_rate
+    tree = {"child_init_at": []} if args.no_child_init else {}
     print(f"{len(train_rows):,} training rows, {len(eval_rows):,} held out, d={rows.shape[1]}; "
           f"levels {levels}, target L0 {args.target_l0:g}, {args.steps} steps of {args.batch}, "
           f"lr {args.lr:g}, preset {args.preset}, {torch.get_num_threads()} torch thread(s)")
+    chosen = args.models.split(",")
     results = {name: run(name, {**arch, **extra}, args, train_rows, eval_rows)
-               for name, extra in (("tree HSAE", {}), ("independent", INDEPENDENT))}
+               for key, name, extra in (("tree", "tree HSAE", tree), ("independent", "independent", INDEPENDENT))
+               if key in chosen}
 
     header = (f"{'model':<12} {'L0 per level':<18} {'EV per level':<18} {'P(p|c)':>7} {'P(c|p)':>7} "
               f"{'Ham/1k':>7} {'HamJac':>7} {'edges':>6} {'train s':>8}")
