@@ -109,9 +109,9 @@ def main() -> None:
           f"levels {levels}, target L0 {args.target_l0:g}, {args.steps} steps of {args.batch}, "
           f"lr {args.lr:g}, preset {args.preset}, {torch.get_num_threads()} torch thread(s)")
     chosen = args.models.split(",")
+    models = (("tree", "tree HSAE", tree), ("independent", "independent", INDEPENDENT))
     results = {name: run(name, {**arch, **extra}, args, train_rows, eval_rows)
-               for key, name, extra in (("tree", "tree HSAE", tree), ("independent", "independent", INDEPENDENT))
-               if key in chosen}
+               for key, name, extra in models if key in chosen}
 
     header = (f"{'model':<12} {'L0 per level':<18} {'EV per level':<18} {'P(p|c)':>7} {'P(c|p)':>7} "
               f"{'Ham/1k':>7} {'HamJac':>7} {'edges':>6} {'train s':>8}")
