@@ -82,6 +82,7 @@ def test_the_controller_raises_lambda_above_the_target_and_lowers_it_below():
     assert float(level.l0_lambda) < -5
 
 
+@pytest.mark.slow  # 500 training steps: about 15 s on an idle core, 40 s on the shared 2-core machine
 def test_adaptive_lambda_steers_every_level_to_its_target_l0(rows, source, tmp_path):
     model = _fresh(lambda_rate=0.02, child_init_at=[])
     x = torch.from_numpy(rows)
