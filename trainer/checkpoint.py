@@ -185,11 +185,12 @@ def _write_saelens_level(path: Path, model: HSAE, level: int, model_info: dict[s
         return
     path.mkdir(parents=True)
     d_sae, d_in = export.W_dec_FD.shape
+    jumprelu = export.threshold_F is not None
     cfg = {
-        "architecture": "topk",
+        "architecture": "jumprelu" if jumprelu else "topk",
         "d_in": d_in,
         "d_sae": d_sae,
-        "k": export.k,
+        **({} if jumprelu else {"k": export.k}),
         "rescale_acts_by_decoder_norm": False,
         "dtype": "float32",
         "device": "cpu",
@@ -208,6 +209,8 @@ def _write_saelens_level(path: Path, model: HSAE, level: int, model_info: dict[s
     }
     named = {"W_enc": export.W_enc_DF, "b_enc": export.b_enc_F, "W_dec": export.W_dec_FD}
     named["b_dec"] = export.b_dec_D
+    if jumprelu:
+        named["threshold"] = export.threshold_F
     tensors = {name: t.detach().float().cpu().contiguous() for name, t in named.items()}
     save_file(tensors, path / SAELENS_WEIGHTS_FILE)
     _write_json(path / SAELENS_CFG_FILE, cfg)

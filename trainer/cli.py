@@ -71,6 +71,11 @@ def train_cmd(
     levels: Annotated[
         str | None, typer.Option(help="tree: widths top to bottom, e.g. 512,1024,2048.")
     ] = None,
+    activation: Annotated[
+        str | None,
+        typer.Option(help="tree: topk or jumprelu (the paper's, L0 steered to --k per level) "
+                          "[default: topk]."),
+    ] = None,
     batch: Annotated[int | None, typer.Option(help="Batch size (tokens per step).")] = None,
     lr: Annotated[float | None, typer.Option(help="Peak learning rate.")] = None,
     steps: Annotated[
@@ -90,7 +95,8 @@ def train_cmd(
             raise HSAEError(f"--levels must be comma-separated integers, got {levels!r}") from None
     run_cfg = build_run_config(
         config, arch,
-        {"width": width, "k": k, "children": children, "subspace": subspace, "levels": level_list},
+        {"width": width, "k": k, "children": children, "subspace": subspace, "levels": level_list,
+         "activation": activation},
         {"seed": seed, "batch_size": batch, "lr": lr, "steps": steps, "device": device},
         preset,
     )

@@ -69,6 +69,30 @@ class ArchConfig:
     level_k: list[int] | None = None
     """`tree`: TopK k of each level (default `k` at every level; the paper steers every level's L0 to 50)."""
 
+    activation: Literal["topk", "jumprelu"] = "topk"
+    """`tree`: each level's activation: TopK (`level_k` active latents on every token), or JumpReLU as in
+    the paper, a learnt threshold per latent and an adaptive penalty λ_l·L0 that steers the level's mean L0
+    to `target_l0` (trainer/models/jumprelu.py)."""
+
+    target_l0: list[float] | None = None
+    """`tree` with `activation=jumprelu`: the mean L0 each level is steered to, top to bottom (default
+    `level_k`; the paper: 50 at every level)."""
+
+    lambda_rate: float = 1e-3
+    """`tree` with jumprelu: η of the adaptive sparsity coefficient, λ_l += η·(EMA of L0_l − target_l) after
+    every step (the paper's 0.001)."""
+
+    lambda_ema: float | None = None
+    """`tree` with jumprelu: the decay β of the L0 average the controller reads. None = the paper's 0.999,
+    or 1 − 20/steps when the run is shorter than 20,000 steps (a lag of 1000 steps would overshoot)."""
+
+    lambda_init: float = 0.0
+    """`tree` with jumprelu: λ_l at the start (thresholds start from data at the target L0)."""
+
+    bandwidth: float = 0.05
+    """`tree` with jumprelu: width ε of the rectangle kernel of the straight-through estimators of the
+    thresholds (sae-lens's default; normalised inputs have mean norm sqrt(d))."""
+
     rho: float = 0.01
     """`tree`: weight of the parent = sum-of-children constraint."""
 
@@ -164,6 +188,29 @@ class ArchConfig:
             )
             for w, k in zip(self.levels, self.level_k):
                 _check(1 <= k <= w, f"level k ({k}) must be between 1 and its level width ({w})")
+            _check(
+                self.activation in ("topk", "jumprelu"),
+                f"activation must be topk or jumprelu, got {self.activation!r}",
+            )
+            if self.activation == "jumprelu":
+                if self.target_l0 is None:
+                    self.target_l0 = [float(k) for k in self.level_k]
+                self.target_l0 = [float(t) for t in self.target_l0]
+                _check(
+                    len(self.target_l0) == len(self.levels),
+                    f"target_l0 has {len(self.target_l0)} entries but there are {len(self.levels)} levels",
+                )
+                for w, t in zip(self.levels, self.target_l0):
+                    _check(0 < t <= w, f"target_l0 ({t}) must be > 0 and at most its level width ({w})")
+                _check(self.lambda_rate >= 0, f"lambda_rate must be >= 0, got {self.lambda_rate}")
+                _check(
+                    self.lambda_ema is None or 0 <= self.lambda_ema < 1,
+                    f"lambda_ema must be in [0, 1), got {self.lambda_ema}",
+                )
+                _check(self.lambda_init >= 0, f"lambda_init must be >= 0, got {self.lambda_init}")
+                _check(self.bandwidth > 0, f"bandwidth must be > 0, got {self.bandwidth}")
+            else:
+                _check(self.target_l0 is None, "target_l0 applies only to activation 'jumprelu'")
             _check(self.rho >= 0, f"rho must be >= 0, got {self.rho}")
             _check(0 <= self.perturb_rate < 1, f"perturb_rate must be in [0, 1), got {self.perturb_rate}")
             _check(
@@ -180,8 +227,11 @@ class ArchConfig:
             )
         else:
             _check(
-                self.levels is None and self.level_k is None,
-                f"levels/level_k apply only to arch 'tree', not {self.arch!r}",
+                self.levels is None and self.level_k is None and self.target_l0 is None,
+                f"levels/level_k/target_l0 apply only to arch 'tree', not {self.arch!r}",
+            )
+            _check(
+                self.activation == "topk", f"activation jumprelu applies only to 'tree', not {self.arch!r}"
             )
             if self.width is None:
                 self.width = 1024 if self.arch == "moe" else 4096
@@ -216,6 +266,9 @@ class ArchConfig:
 
     def resolved_reassign_every(self, total_steps: int) -> int:
         return self.reassign_every or min(5000, max(1, total_steps // 10))
+
+    def resolved_lambda_ema(self, total_steps: int) -> float:
+        return self.lambda_ema if self.lambda_ema is not None else min(0.999, max(0.0, 1 - 20 / total_steps))
 
     def resolved_aux_k(self, d_in: int) -> int:
         return self.aux_k if self.aux_k is not None else max(1, min(512, d_in // 2))

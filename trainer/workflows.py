@@ -20,6 +20,7 @@ from trainer.config import ArchConfig, ConfigError, RunConfig, read_config_file
 from trainer.errors import HSAEError
 from trainer.evaluate import ce_loss_recovered, evaluate, format_metrics
 from trainer.lm import LanguageModel, resolve_device
+from trainer.models.base import LevelCode, pad_codes
 from trainer.models.registry import build_model
 from trainer.settings import get_settings
 from trainer.sources import DataSpec, OpenedData, open_data
@@ -178,18 +179,18 @@ def run_encode(run_dir: Path, corpus: str | None, activations: str | None, token
     if opened.source.d_in != model.d_in:
         raise HSAEError(f"the activations have width {opened.source.d_in}, the run expects {model.d_in}")
     n = opened.source.num_rows
-    parts: list[list[torch.Tensor]] = [[] for _ in range(2 * len(model.level_widths))]
+    parts: list[list[LevelCode]] = [[] for _ in model.level_widths]
     with torch.no_grad():
         for lo in range(0, n, 4096):
             rows = opened.source.read(lo, min(lo + 4096, n))
             x = torch.from_numpy(rows).to(next(model.parameters()).device)
             for i, code in enumerate(model.encode(x)):
-                parts[2 * i].append(code.indices.cpu())
-                parts[2 * i + 1].append(code.values.float().cpu())
+                parts[i].append(LevelCode(code.indices.cpu(), code.values.float().cpu()))
     tensors = {}
     for i in range(len(model.level_widths)):
-        tensors[f"level_{i}_indices"] = torch.cat(parts[2 * i]).to(torch.int64).contiguous()
-        tensors[f"level_{i}_values"] = torch.cat(parts[2 * i + 1]).contiguous()
+        joined = pad_codes(parts[i])  # a JumpReLU level's K differs between chunks
+        tensors[f"level_{i}_indices"] = joined.indices.to(torch.int64).contiguous()
+        tensors[f"level_{i}_values"] = joined.values.contiguous()
     if opened.cache is not None:
         meta = opened.source.read_meta(0, n).astype(np.int64)
         contexts = opened.cache.contexts(tokens).token_ids_CT

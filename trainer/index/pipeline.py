@@ -24,6 +24,7 @@ from trainer.index.contexts import ContextStore
 from trainer.index.directions import OutputTokens, decoder_cosines, pair_cosines, top_output_tokens
 from trainer.index.run import RunInfo
 from trainer.lm import LanguageModel, load_language_model
+from trainer.models.base import LevelCode, pad_codes
 from trainer.outliers import encode_inliers
 
 ENCODE_ROWS = 4096
@@ -174,13 +175,13 @@ def _encode(
 ) -> tuple[list[tuple[np.ndarray, np.ndarray]], int]:
     """Per level (indices, values) of every row, none active on massive activations; and how many those
     were."""
-    per_level: list[tuple[list, list]] = [([], []) for _ in model.level_widths]
+    per_level: list[list[LevelCode]] = [[] for _ in model.level_widths]
     outliers = 0
     for lo in range(0, len(acts_ND), ENCODE_ROWS):
         x = torch.from_numpy(acts_ND[lo : lo + ENCODE_ROWS]).to(device)
         codes, outlier_N = encode_inliers(model, x, max_norm)
         outliers += int(outlier_N.sum())
         for level, code in enumerate(codes):
-            per_level[level][0].append(code.indices.cpu().numpy())
-            per_level[level][1].append(code.values.float().cpu().numpy())
-    return [(np.concatenate(i), np.concatenate(v)) for i, v in per_level], outliers
+            per_level[level].append(LevelCode(code.indices.cpu(), code.values.float().cpu()))
+    joined = [pad_codes(codes) for codes in per_level]  # a JumpReLU level's K differs between chunks
+    return [(code.indices.numpy(), code.values.numpy()) for code in joined], outliers

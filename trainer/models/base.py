@@ -33,6 +33,15 @@ class LevelCode:
         return self.active_BK().sum(-1).float().mean()
 
 
+def pad_codes(codes: list[LevelCode]) -> LevelCode:
+    """One level's codes of consecutive batches joined, each padded to the widest K (index -1, value 0): a
+    JumpReLU level's K varies from batch to batch."""
+    k = max(code.indices.shape[1] for code in codes)
+    indices = [F.pad(code.indices, (0, k - code.indices.shape[1]), value=-1) for code in codes]
+    values = [F.pad(code.values, (0, k - code.values.shape[1]), value=0) for code in codes]
+    return LevelCode(torch.cat(indices), torch.cat(values))
+
+
 @dataclass
 class StepOutput:
     """What one training forward pass hands the loop."""
@@ -46,13 +55,15 @@ class StepOutput:
 
 @dataclass
 class SaeLensLevel:
-    """One ordinary TopK SAE level in raw activation space (input scale folded in), ready for sae-lens."""
+    """One ordinary SAE level in raw activation space (input scale folded in), ready for sae-lens: TopK (`k`)
+    or JumpReLU (`threshold_F`, k None)."""
 
     W_enc_DF: Tensor
     b_enc_F: Tensor
     W_dec_FD: Tensor
     b_dec_D: Tensor
-    k: int
+    k: int | None
+    threshold_F: Tensor | None = None
 
 
 def sparse_decode(W_dec_FD: Tensor, indices_BK: Tensor, values_BK: Tensor) -> Tensor:

@@ -1,4 +1,8 @@
-"""Tree HSAE ("From Atoms to Trees", arXiv 2602.11881), with TopK levels instead of JumpReLU.
+"""Tree HSAE ("From Atoms to Trees", arXiv 2602.11881), with TopK levels (default) or the paper's JumpReLU.
+
+`activation=jumprelu` makes every level a JumpReLU SAE whose loss adds λ_l·L0_l, λ_l steered after each
+step so that the level's mean L0 approaches `target_l0` (trainer/models/jumprelu.py); everything below holds
+for both activations.
 
 L ordinary SAEs of growing width each reconstruct x. Each child has at most one parent in the level above
 (`parent_of_<l>` buffers, -1 = unassigned). With f_{l,i}(x) = a_{l,i}·d_{l,i}:
@@ -52,6 +56,7 @@ from trainer.models.base import (
     tokens_like,
     unit_rows,
 )
+from trainer.models.jumprelu import JumpReLULevel
 from trainer.models.registry import register
 from trainer.models.topk import TopKLevel
 
@@ -64,7 +69,15 @@ class TreeHSAE(HSAE):
 
     def __init__(self, cfg: ArchConfig, d_in: int):
         super().__init__(cfg, d_in)
-        self.saes = nn.ModuleList(TopKLevel(d_in, w, k) for w, k in zip(cfg.levels, cfg.level_k))
+        if cfg.activation == "jumprelu":
+            self.saes = nn.ModuleList(
+                JumpReLULevel(d_in, w, target, cfg.bandwidth, cfg.lambda_init)
+                for w, target in zip(cfg.levels, cfg.target_l0)
+            )
+        else:
+            self.saes = nn.ModuleList(TopKLevel(d_in, w, k) for w, k in zip(cfg.levels, cfg.level_k))
+        self.lambda_ema = cfg.resolved_lambda_ema(20_000)
+        self._batch_l0: list[Tensor] | None = None
         for level, width in enumerate(cfg.levels[1:], start=1):
             self.register_buffer(f"parent_of_{level}", torch.full((width,), -1, dtype=torch.long))
         self.aux_k = cfg.resolved_aux_k(d_in)
@@ -77,7 +90,18 @@ class TreeHSAE(HSAE):
 
     @property
     def level_k(self) -> list[int]:
+        """TopK's k per level; a JumpReLU level has up to its width active (its code's K varies by batch)."""
         return [sae.k for sae in self.saes]
+
+    @property
+    def jumprelu(self) -> bool:
+        return self.cfg.activation == "jumprelu"
+
+    def level_info(self) -> list[dict]:
+        if not self.jumprelu:
+            return super().level_info()
+        return [{"width": sae.width, "k": None, "activation": "jumprelu", "target_l0": sae.target_l0}
+                for sae in self.saes]
 
     def parent_of(self, level: int) -> Tensor | None:
         return getattr(self, f"parent_of_{level}") if level >= 1 else None
@@ -99,7 +123,8 @@ class TreeHSAE(HSAE):
             x_BD = self.normalize(sample_raw_ND.to(self.saes[0].W_dec_FD.device).float())[0]
             for level in range(1, len(self.saes)):
                 init_level(self, level, x_BD, only_starved=step > min(self.init_steps))
-            return [p for sae in self.saes[1:] for p in (sae.W_enc_DF, sae.W_dec_FD, sae.b_enc_F)]
+            return [p for sae in self.saes[1:] for p in (sae.W_enc_DF, sae.W_dec_FD, sae.b_enc_F)
+                    + ((sae.threshold_F,) if isinstance(sae, JumpReLULevel) else ())]
         if self.cfg.assign_by == "coactivation":
             if sample_raw_ND is None:
                 raise ValueError("a co-activation re-assignment needs a sample of activations")
@@ -127,10 +152,13 @@ class TreeHSAE(HSAE):
         mean_D = sample_BD.mean(0)
         for sae in self.saes:
             sae.b_dec_D.copy_(mean_D)
+            if isinstance(sae, JumpReLULevel):
+                sae.fit_thresholds(sample_BD)
 
     def start_training(self, total_steps: int) -> None:
         self.reassign_every = self.cfg.resolved_reassign_every(total_steps)
         self.init_steps = {max(1, round(f * total_steps)) for f in self.cfg.child_init_at}
+        self.lambda_ema = self.cfg.resolved_lambda_ema(total_steps)
 
     # ---- the common surface --------------------------------------------------------------------------
     def encode(self, x_raw_BD: Tensor) -> list[LevelCode]:
@@ -150,7 +178,7 @@ class TreeHSAE(HSAE):
         x_BD, _ = self.normalize(x_raw_BD)
         encoded = [sae.encode(x_BD) for sae in self.saes]
         codes = [LevelCode(indices, values) for values, indices, _ in encoded]
-        recon_terms, aux_terms, tie_terms = [], [], []
+        recon_terms, aux_terms, tie_terms, l0_terms = [], [], [], []
         x_hat_BD = x_BD
         for level, sae in enumerate(self.saes):
             values_BK, indices_BK, pre_BF = encoded[level]
@@ -162,12 +190,20 @@ class TreeHSAE(HSAE):
                 aux_terms.append(sae.aux_loss(pre_BF, dead[level], residual_BD, self.aux_k))
             if level >= 1:
                 tie_terms.append(self._tie_loss(level, codes))
+            if isinstance(sae, JumpReLULevel):
+                l0_terms.append(sae.l0_lambda * sae.l0_penalty(pre_BF))
         recon = torch.stack(recon_terms).sum()
         tie = torch.stack(tie_terms).sum()
         aux = torch.stack(aux_terms).sum() if aux_terms else recon.new_zeros(())
-        loss = recon + self.cfg.rho * tie + self.cfg.aux_coef * aux
+        sparsity = torch.stack(l0_terms).sum() if l0_terms else recon.new_zeros(())
+        loss = recon + self.cfg.rho * tie + self.cfg.aux_coef * aux + sparsity
         logs = {"recon": recon.detach(), "tie": tie.detach(), "aux": aux.detach()}
         logs.update({f"recon_{level}": term.detach() for level, term in enumerate(recon_terms)})
+        if l0_terms:
+            logs["sparsity"] = sparsity.detach()
+            logs.update({f"lambda_{level}": sae.l0_lambda.clone() for level, sae in enumerate(self.saes)})
+            # read by the controller once the optimizer has stepped (`after_optimizer_step`)
+            self._batch_l0 = [code.l0().detach() for code in codes] if self.training else None
         return StepOutput(loss, logs, codes, x_BD, x_hat_BD.detach())
 
     def _has_children(self, level: int) -> Tensor:
@@ -224,6 +260,16 @@ class TreeHSAE(HSAE):
 
     def unit_norm_params(self) -> list[tuple[nn.Parameter, int]]:
         return [(sae.W_dec_FD, -1) for sae in self.saes]
+
+    @torch.no_grad()
+    def after_optimizer_step(self, step: int) -> None:
+        super().after_optimizer_step(step)
+        batch_l0, self._batch_l0 = self._batch_l0, None
+        for level, sae in enumerate(self.saes):
+            if isinstance(sae, JumpReLULevel):
+                sae.clamp_thresholds()  # θ < 0 would let negative pre-activations through
+                if batch_l0 is not None:  # the controller: one step per training step, this batch's L0
+                    sae.adapt_lambda(batch_l0[level], self.cfg.lambda_rate, self.lambda_ema)
 
     def saelens_export(self, level: int) -> SaeLensLevel | None:
         return self.saes[level].saelens_export(float(self.input_scale))
@@ -390,6 +436,8 @@ def init_level(model: TreeHSAE, level: int, x_BD: Tensor, only_starved: bool) ->
     def scaled_error(scale: float) -> float:
         sae.W_enc_DF[:, fresh_F] = W_enc_DF[:, fresh_F] * scale
         sae.b_enc_F[fresh_F] = b_enc_F[fresh_F] * scale
+        if isinstance(sae, JumpReLULevel):  # fresh read-outs need thresholds at the level's target rate
+            sae.fit_thresholds(x_BD, fresh_F)
         return error()
 
     errors = {scale: scaled_error(scale) for scale in CALIBRATION_SCALES}
