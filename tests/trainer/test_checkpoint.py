@@ -222,12 +222,15 @@ def test_only_the_checkpoint_module_reads_checkpoint_files():
     repo = Path(__file__).resolve().parents[2]
     forbidden = ('"cfg.json"', '"weights.safetensors"', "CFG_FILE", "WEIGHTS_FILE", "load_checkpoint(",
                  "read_cfg(", "checkpoint_max_norm")
+    # a sae-lens SAE folder is sae-lens's own format, whose config file happens to share the name
+    allowed = {"trainer/index/saelens.py": {'"cfg.json"'}}
     offenders = []
     for path in sorted([*(repo / "trainer").rglob("*.py"), *(repo / "backend").rglob("*.py")]):
         if path == repo / "trainer" / "checkpoint.py":
             continue
-        text = path.read_text()
-        offenders += [f"{path.relative_to(repo)}: {word}" for word in forbidden if word in text]
+        text, name = path.read_text(), str(path.relative_to(repo))
+        found = [word for word in forbidden if word in text and word not in allowed.get(name, ())]
+        offenders += [f"{name}: {word}" for word in found]
     assert offenders == []
 
 

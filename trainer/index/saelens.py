@@ -42,8 +42,8 @@ from trainer.index.pipeline import (
 from trainer.index.run import RunInfo
 from trainer.lm import DEFAULT_MODEL, LanguageModel, converted_default_model, load_language_model
 
-CFG_FILE = "cfg.json"  # sae_lens.constants.SAE_CFG_FILENAME
-WEIGHTS_FILE = "sae_weights.safetensors"  # sae_lens.constants.SAE_WEIGHTS_FILENAME
+SAELENS_CFG_FILE = "cfg.json"  # sae_lens.constants.SAE_CFG_FILENAME
+SAELENS_WEIGHTS_FILE = "sae_weights.safetensors"  # sae_lens.constants.SAE_WEIGHTS_FILENAME
 RESID_POST = re.compile(r"^blocks\.(\d+)\.hook_resid_post$")
 DEFAULT_UNASSIGNED = 0.2  # as the Tree HSAE's default (trainer/config.py)
 
@@ -119,17 +119,18 @@ def _concat(indices: list[np.ndarray], values: list[np.ndarray]) -> tuple[np.nda
     return np.concatenate(pad), np.concatenate(padv)
 
 
-def _read_cfg(path: Path) -> dict[str, Any]:
+def _read_saelens_cfg(path: Path) -> dict[str, Any]:
     if not path.exists():
         raise HSAEError(f"{path}: no such folder")
-    if not path.is_dir() or not (path / CFG_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
-        raise HSAEError(f"{path} is not a sae-lens SAE folder (it needs {CFG_FILE} and {WEIGHTS_FILE})")
+    needed = (SAELENS_CFG_FILE, SAELENS_WEIGHTS_FILE)
+    if not path.is_dir() or not all((path / name).is_file() for name in needed):
+        raise HSAEError(f"{path} is not a sae-lens SAE folder (it needs {' and '.join(needed)})")
     try:
-        cfg = json.loads((path / CFG_FILE).read_text())
+        cfg = json.loads((path / SAELENS_CFG_FILE).read_text())
     except (OSError, ValueError) as err:
-        raise HSAEError(f"{path / CFG_FILE}: not readable JSON ({err})") from None
+        raise HSAEError(f"{path / SAELENS_CFG_FILE}: not readable JSON ({err})") from None
     if not isinstance(cfg, dict) or not {"d_in", "d_sae"} <= cfg.keys():
-        raise HSAEError(f"{path / CFG_FILE} is not a sae-lens SAE config (no d_in and d_sae)")
+        raise HSAEError(f"{path / SAELENS_CFG_FILE} is not a sae-lens SAE config (no d_in and d_sae)")
     return cfg
 
 
@@ -143,7 +144,7 @@ def _digest(paths: list[Path]) -> str:
     total = hashlib.sha256()
     for path in paths:
         h = hashlib.sha256()
-        with open(path / WEIGHTS_FILE, "rb") as f:
+        with open(path / SAELENS_WEIGHTS_FILE, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 h.update(block)
         total.update(h.digest())
@@ -158,7 +159,7 @@ def open_saes(dirs: list[Path], *, model: str | None = None, layer: int | None =
     paths = [Path(d).resolve() for d in dirs]
     if len(set(paths)) < len(paths):
         raise HSAEError("the same SAE folder was given twice")
-    cfgs = [_read_cfg(p) for p in paths]
+    cfgs = [_read_saelens_cfg(p) for p in paths]
     hooks = {str(p): (c.get("metadata") or {}).get("hook_name") or c.get("hook_name")
              for p, c in zip(paths, cfgs, strict=True)}
     named = {h for h in hooks.values() if h}
