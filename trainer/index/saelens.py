@@ -42,8 +42,8 @@ from trainer.index.pipeline import (
 from trainer.index.run import RunInfo
 from trainer.lm import DEFAULT_MODEL, LanguageModel, converted_default_model, load_language_model
 
-SAELENS_CFG_FILE = "cfg.json"  # sae_lens.constants.SAE_CFG_FILENAME
-SAELENS_WEIGHTS_FILE = "sae_weights.safetensors"  # sae_lens.constants.SAE_WEIGHTS_FILENAME
+SAELENS_CONFIG = "cfg.json"  # sae-lens's own names (sae_lens.constants)
+SAELENS_WEIGHTS = "sae_weights.safetensors"
 RESID_POST = re.compile(r"^blocks\.(\d+)\.hook_resid_post$")
 DEFAULT_UNASSIGNED = 0.2  # as the Tree HSAE's default (trainer/config.py)
 
@@ -122,15 +122,15 @@ def _concat(indices: list[np.ndarray], values: list[np.ndarray]) -> tuple[np.nda
 def _read_saelens_cfg(path: Path) -> dict[str, Any]:
     if not path.exists():
         raise HSAEError(f"{path}: no such folder")
-    needed = (SAELENS_CFG_FILE, SAELENS_WEIGHTS_FILE)
+    needed = (SAELENS_CONFIG, SAELENS_WEIGHTS)
     if not path.is_dir() or not all((path / name).is_file() for name in needed):
         raise HSAEError(f"{path} is not a sae-lens SAE folder (it needs {' and '.join(needed)})")
     try:
-        cfg = json.loads((path / SAELENS_CFG_FILE).read_text())
+        cfg = json.loads((path / SAELENS_CONFIG).read_text())
     except (OSError, ValueError) as err:
-        raise HSAEError(f"{path / SAELENS_CFG_FILE}: not readable JSON ({err})") from None
+        raise HSAEError(f"{path / SAELENS_CONFIG}: not readable JSON ({err})") from None
     if not isinstance(cfg, dict) or not {"d_in", "d_sae"} <= cfg.keys():
-        raise HSAEError(f"{path / SAELENS_CFG_FILE} is not a sae-lens SAE config (no d_in and d_sae)")
+        raise HSAEError(f"{path / SAELENS_CONFIG} is not a sae-lens SAE config (no d_in and d_sae)")
     return cfg
 
 
@@ -144,7 +144,7 @@ def _digest(paths: list[Path]) -> str:
     total = hashlib.sha256()
     for path in paths:
         h = hashlib.sha256()
-        with open(path / SAELENS_WEIGHTS_FILE, "rb") as f:
+        with open(path / SAELENS_WEIGHTS, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 h.update(block)
         total.update(h.digest())
