@@ -24,6 +24,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from backend import pages
+from backend.api.cache import AnswerCache
 from backend.api.deps import APIError
 from backend.api.routes import API_ROUTERS, ROOT_ROUTERS
 from backend.db.session import make_engine, session_factory
@@ -78,6 +79,7 @@ def create_app(settings: Settings | None = None, *, local: bool = False) -> Fast
     app.state.sessions = session_factory(read_engine)
     app.state.write_sessions = session_factory(engine)
     app.state.live = LiveService(settings)
+    app.state.answers = AnswerCache(settings.api_cache_bytes)
 
     for router in API_ROUTERS:
         app.include_router(router, prefix=API_PREFIX)

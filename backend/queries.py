@@ -43,6 +43,7 @@ RUN_COLUMNS = (
     Run.level_widths,
     Run.n_tokens,
     Run.created_at,
+    Run.annotation_version,
 )
 """What every request needs of its run; the large JSON columns (config, corpus, ...) stay in the database."""
 
@@ -417,6 +418,12 @@ def write_annotation(
         Feature.__table__.update()
         .where(Feature.run_id == run.id, Feature.level == current.level, Feature.idx == current.idx)
         .values(label=label, note=note, tags=tags, annotated_at=now)
+    )
+    # Cached pages of the run (backend/api/cache.py) go stale with this commit, not before or after it.
+    session.execute(
+        Run.__table__.update()
+        .where(Run.id == run.id)
+        .values(annotation_version=Run.annotation_version + 1)
     )
     session.add(
         AnnotationEvent(

@@ -25,6 +25,8 @@ def serve(
     """Serve until interrupted. `local`: listen on 127.0.0.1 only and allow writes without a token."""
     import uvicorn
 
+    from backend.http_protocol import NoDelayH11Protocol
+
     if local and host is not None and not _is_loopback(host):
         raise HSAEError(f"--local serves on {LOCAL_HOST} only (writes need no token); drop --host {host}")
     host = LOCAL_HOST if local else (host or DEFAULT_HOST)
@@ -48,7 +50,8 @@ def serve(
         f"HSAE Forest on http://{host}:{port} ({describe_url(settings.resolved_database_url)}; {mode})",
         flush=True,
     )
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5,
+                http=NoDelayH11Protocol)
 
 
 def _is_loopback(host: str) -> bool:

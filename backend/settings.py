@@ -21,6 +21,10 @@ class Settings(TrainerSettings):
     api_threads: int = Field(
         default=4, ge=1, description="Threads running the requests' database work (more add lock contention)."
     )
+    api_cache_bytes: int = Field(
+        default=64 << 20, ge=0,
+        description="Bytes of serialized answers about runs each server process keeps (0: none; see ETags).",
+    )
     max_prompt_tokens: int = Field(
         default=256, ge=1, description="Longest prompt the live endpoint encodes (longer: 413)."
     )
