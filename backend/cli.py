@@ -68,11 +68,16 @@ def serve_cmd(
     local: Annotated[
         bool, typer.Option(help="Listen on 127.0.0.1 only; annotation writes need no token.")
     ] = False,
+    live_preload: Annotated[
+        str | None,
+        typer.Option(help="Load these runs' live models before serving (names, comma-separated; * for the "
+                     "newest) [default: $HSAE_LIVE_PRELOAD, else on the first prompt]."),
+    ] = None,
 ) -> None:
     """Serve the API and the browser UI."""
     from backend.server import serve
 
-    serve(db_url=db, host=host, port=port, local=local)
+    serve(db_url=db, host=host, port=port, local=local, live_preload=live_preload)
 
 
 @app.command("export")

@@ -67,6 +67,13 @@ def get_run_detail(session: Session, run_id: int) -> Run | None:
     return session.get(Run, run_id)
 
 
+def newest_live_runs(session: Session, limit: int) -> Sequence[Row]:
+    """The newest visible runs that know their checkpoint (live prompts can load them)."""
+    return session.execute(
+        _visible_runs().where(Run.checkpoint_path.is_not(None)).order_by(Run.created_at.desc()).limit(limit)
+    ).all()
+
+
 def find_runs_by_identity(session: Session, model: str, layer: int, arch: str, digest: str) -> Sequence[Row]:
     """Visible runs of the same checkpoint (an export from one can be imported into another)."""
     return session.execute(

@@ -46,6 +46,13 @@ class Settings(TrainerSettings):
     live_cpu_threads: int | None = Field(
         default=None, ge=1, description="Torch CPU threads of live models; `hsae serve` default: cores - 1."
     )
+    live_preload: str = Field(
+        default="",
+        description="Runs whose live models load (and run once) at start-up, so the first prompt is as fast "
+        "as the rest: names separated by commas, or * for the newest runs with a checkpoint (at most "
+        "live_cached_runs). Empty: each loads on its first prompt (a browse-only server never imports "
+        "torch).",
+    )
     max_body_bytes: int = Field(
         default=1 << 20, ge=1024, description="Largest request body (larger: 413)."
     )
