@@ -353,6 +353,7 @@ def start_server(url: str, port: int, workers: int, config: Config, live: bool) 
         "HSAE_API_CACHE_BYTES": str(config.cache_bytes),
         "HSAE_LIVE_PRELOAD": config.preload if live else "",
         "HSAE_LIVE_QUEUE_SIZE": "64",
+        "HSAE_LIVE_TIMEOUT_S": "600",  # a first prompt that loads the model must finish, to be measured
         "HSAE_LIVE_CPU_THREADS": str(max(1, (os.cpu_count() or 2) - 1)),  # as `hsae serve` does
         "TOKENIZERS_PARALLELISM": "false",
     }

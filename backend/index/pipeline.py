@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,8 @@ class IndexSummary:
     name: str
     tokens: int
     contexts: int
+    seconds: float = 0.0  # the whole index run
+    write_seconds: float = 0.0  # of which writing to the database
 
 
 def prepare_database(url: str, default_url: str) -> None:
@@ -44,10 +47,12 @@ def index_checkpoint(
     device: str = "auto",
     config: IndexConfig | None = None,
 ) -> IndexSummary:
+    started = time.perf_counter()
     ckpt = checkpoint.open(Path(run_dir).resolve(), device=resolve_device(device))
     # Before the long part: a database that cannot take it stops here.
     prepare_database(db_url, default_db_url)
     indexed = index_run(ckpt, corpus=corpus, tokens=tokens, name=name, device=device, config=config)
+    writing = time.perf_counter()
     with tqdm(desc="writing", unit=" rows", unit_scale=True) as bar:
         def progress(stage: str, done: int, total: int) -> None:
             bar.set_description(f"writing {stage}")
@@ -58,6 +63,8 @@ def index_checkpoint(
         run_id = write_run(db_url, indexed.result, indexed.info, indexed.contexts,
                            output_tokens=indexed.output_tokens, edge_cosines=indexed.edge_cosines,
                            replace=replace, progress=progress)
+    done = time.perf_counter()
     return IndexSummary(
-        run_id=run_id, name=indexed.info.name, tokens=indexed.tokens, contexts=indexed.n_contexts
+        run_id=run_id, name=indexed.info.name, tokens=indexed.tokens, contexts=indexed.n_contexts,
+        seconds=done - started, write_seconds=done - writing,
     )
