@@ -1,20 +1,22 @@
-"""API latency under load, against a real uvicorn server on loopback and a generated PostgreSQL database,
-each figure measured twice in the same run: on a baseline server and on the tuned one, printed as a ratio.
+"""API latency under load, against real uvicorn servers on loopback and a generated PostgreSQL database,
+each figure measured in the same run on a baseline server and on tuned ones, printed as ratios.
 
 1. Generates a run of 100k features (MoE-shaped: parents with 15 children each) and 1M examples with their
    contexts, by COPY, into a fresh database on the local server (`--scale 0.1` for a tenth).
-2. Per server configuration, starts `uvicorn backend.app:create_app` in its own process and drives:
+2. Per server configuration, starts `uvicorn backend.app:create_app` in its own processes and drives:
    - the browse endpoints (forest, children, feature, search) with `--clients` closed-loop keep-alive
-     connections for `--seconds` each, then a "hot" set of 1,000 features (what many readers of the same
+     connections for `--seconds` each, then a "hot" set of 200 features (what many readers of the same
      pages ask), plain and revalidating (If-None-Match with the ETag the client last got for that page);
      then feature, search and hot features with one client;
    - live activations of a 40-token prompt with the bundled SmolLM2 at `--layer` and a freshly initialised
      MoE H-SAE of the default size: the first prompt after the server answers /healthz, p50 / p95 with one
      client, and throughput and p95 with 8 concurrent clients (batched by the live queue).
-   Configurations: `baseline` = uvicorn's own h11 protocol, no answer cache (HSAE_API_CACHE_BYTES=0), live
-   model loaded on the first prompt; `nodelay` = backend.http_protocol (TCP_NODELAY on every connection)
-   alone, browse only; `tuned` = that, the answer cache with ETags, and the live model preloaded
-   (HSAE_LIVE_PRELOAD).
+   All configurations serve at once, and each workload runs on each in turn (other load on the machine
+   drifts; so it falls on all alike). Configurations:
+   - `baseline`: uvicorn's own h11 protocol, no answer cache (HSAE_API_CACHE_BYTES=0), the live model
+     loaded on the first prompt;
+   - `nodelay`: backend.http_protocol (TCP_NODELAY on every connection) alone, browse only;
+   - `tuned`: that, the answer cache with ETags, and the live model preloaded (HSAE_LIVE_PRELOAD).
 
     .venv/bin/python bench/bench_api.py [--scale 1] [--clients 50] [--seconds 10] [--workers 1]
                                         [--no-live] [--no-browse] [--keep]
@@ -53,7 +55,7 @@ from backend.db.session import upgrade  # noqa: E402
 from backend.http_protocol import IMPORT_STRING as NODELAY_HTTP  # noqa: E402
 
 RUN = "bench"
-HOT_FEATURES = 1000
+HOT_FEATURES = 200
 PROMPT_TOKENS = 40
 LIVE_RUN = "bench-live"
 CHILDREN = 15
@@ -513,7 +515,7 @@ def browse_paths(sizes: Sizes) -> dict:
         return f"{run}/features/{level}/{key - sizes.parents if level else key}"
 
     return {"forest (roots page)": forest, "children": children, "feature": feature, "search": search,
-            "feature (hot 1k)": feature_hot}
+            "feature (hot 200)": feature_hot}
 
 
 def prompt_of(tokens: int) -> str:
@@ -569,25 +571,37 @@ async def live_bench(base: str, prompt: str, requests: int) -> tuple[float, Resu
     return first_ms, one, eight
 
 
-def measure(args, url: str, sizes: Sizes, config: Config, prompt: str | None) -> dict[str, float]:
-    """Start a server in `config`, run the workloads, stop it; the figures by name."""
-    port = args.port or free_port()
-    figures: dict[str, float] = {}
-    server = start_server(url, port, args.workers, config, live=prompt is not None)
+def measure(args, url: str, sizes: Sizes, prompt: str | None) -> dict[str, dict[str, float]]:
+    """Start a server per configuration (all at once, each on its own port), then run every workload on
+    each in turn, so that other load on the machine, which drifts, falls on all of them alike; per
+    configuration, the figures by name."""
+    configs = [c for c in CONFIGS if not (args.no_browse and c.name == "nodelay")]
+    live = {c.name: prompt is not None and c.name != "nodelay" for c in configs}
+    figures: dict[str, dict[str, float]] = {c.name: {} for c in configs}
+    servers: dict[str, tuple[subprocess.Popen, int]] = {}
     try:
-        print(
-            f"\n[{config.name}] uvicorn --http {config.http}, {args.workers} worker(s), answer cache "
-            f"{config.cache_bytes >> 20} MiB, live preload {config.preload or 'off'}; {os.cpu_count()} CPUs "
-            f"shared by server, database and load generator (load average {os.getloadavg()[0]:.1f})",
-            flush=True,
-        )
-        if prompt is not None:  # first: the first prompt after start is one of the figures
-            first_ms, one, eight = asyncio.run(live_bench(f"http://127.0.0.1:{port}", prompt,
-                                                          args.live_requests))
-            print(f"{'live first prompt':<28} {first_ms:9.1f} ms", flush=True)
-            print(one.line(), flush=True)
-            print(eight.line(), flush=True)
-            figures |= {
+        for config in configs:
+            port = free_port()
+            servers[config.name] = start_server(url, port, args.workers, config, live[config.name]), port
+            print(
+                f"[{config.name}] uvicorn --http {config.http}, {args.workers} worker(s), answer cache "
+                f"{config.cache_bytes >> 20} MiB, "
+                f"live preload {(live[config.name] and config.preload) or 'off'}",
+                flush=True,
+            )
+        print(f"{os.cpu_count()} CPUs shared by the servers, the database and the load generator "
+              f"(load average {os.getloadavg()[0]:.1f})", flush=True)
+        for config in configs:
+            if not live[config.name]:
+                continue
+            port = servers[config.name][1]
+            first_ms, one, eight = asyncio.run(
+                live_bench(f"http://127.0.0.1:{port}", prompt, args.live_requests)
+            )
+            print(f"[{config.name}] {'live first prompt':<28} {first_ms:9.1f} ms", flush=True)
+            print(f"[{config.name}] {one.line()}", flush=True)
+            print(f"[{config.name}] {eight.line()}", flush=True)
+            figures[config.name] |= {
                 "live first prompt, ms": first_ms,
                 "live 1 client p50, ms": one.p(50),
                 "live 1 client p95, ms": one.p(95),
@@ -597,20 +611,28 @@ def measure(args, url: str, sizes: Sizes, config: Config, prompt: str | None) ->
         if not args.no_browse:
             paths = browse_paths(sizes)
             runs = [(name, make_path, args.clients, False) for name, make_path in paths.items()]
-            runs.append(("feature (hot 1k), revalidate", paths["feature (hot 1k)"], args.clients, True))
-            runs += [(f"{name}, 1 client", paths[name], 1, False) for name in ("feature", "search",
-                                                                               "feature (hot 1k)")]
+            runs.append(("feature (hot 200), revalidate", paths["feature (hot 200)"], args.clients, True))
+            runs += [(f"{name}, 1 client", paths[name], 1, False)
+                     for name in ("feature", "search", "feature (hot 200)")]
             for name, make_path, clients, revalidate in runs:
-                seconds = args.seconds if clients > 1 else args.seconds / 2
-                result = asyncio.run(closed_loop(port, name, make_path, clients, seconds,
-                                                 revalidate=revalidate))
-                print(result.line(), flush=True)
-                label = name if clients == 1 else f"{name}, {clients} clients"
-                figures |= {f"{label} p50, ms": result.p(50), f"{label} p95, ms": result.p(95),
-                            f"{label}, req/s": result.rps}
+                for config in configs:
+                    seconds = args.seconds if clients > 1 else args.seconds / 2
+                    port = servers[config.name][1]
+                    result = asyncio.run(
+                        closed_loop(port, name, make_path, clients, seconds, revalidate=revalidate)
+                    )
+                    print(f"[{config.name:>8}] {result.line()}", flush=True)
+                    label = name if clients == 1 else f"{name}, {clients} clients"
+                    figures[config.name] |= {
+                        f"{label} p50, ms": result.p(50),
+                        f"{label} p95, ms": result.p(95),
+                        f"{label}, req/s": result.rps,
+                    }
     finally:
-        server.terminate()
-        server.wait(30)
+        for server, _ in servers.values():
+            server.terminate()
+        for server, _ in servers.values():
+            server.wait(30)
     return figures
 
 
@@ -637,11 +659,7 @@ def main() -> None:
         if not args.no_live:
             add_live_run(url, args.layer)
             prompt = prompt_of(PROMPT_TOKENS)
-        results = {
-            config.name: measure(args, url, sizes, config, None if config.name == "nodelay" else prompt)
-            for config in CONFIGS
-            if not (args.no_browse and config.name == "nodelay")
-        }
+        results = measure(args, url, sizes, prompt)
         names = list(results)
         print(f"\n{'figure':<48}" + "".join(f"{n:>10}" for n in names)
               + "".join(f"{n + '/base':>14}" for n in names[1:]) + "   (ratios: >1 is better)")
