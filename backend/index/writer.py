@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator, Sequence
+from itertools import repeat
 from typing import Any
 
 import numpy as np
@@ -249,16 +250,20 @@ class _Writer:
         self.batch_rows, self.progress = batch_rows, progress
 
     def _insert(self, stage: str, model: Any, rows: list[dict[str, Any]], done: int, total: int) -> None:
-        if rows:
-            table: Table = model.__table__
-            columns = list(rows[0])
-            for name in columns:  # JSON as text once, here or by the caller (RawJson), for either backend
-                if isinstance(table.c[name].type, JSON):
-                    for row in rows:
-                        value = row[name]
-                        if value is not None and not isinstance(value, RawJson):
-                            row[name] = compact_json(value)
-            values = [tuple(row.values()) for row in rows]
+        columns = list(rows[0]) if rows else []
+        table: Table = model.__table__
+        for name in columns:  # JSON as text once, here or by the caller (RawJson), for either backend
+            if isinstance(table.c[name].type, JSON):
+                for row in rows:
+                    value = row[name]
+                    if value is not None and not isinstance(value, RawJson):
+                        row[name] = compact_json(value)
+        self._insert_tuples(stage, table, columns, [tuple(row.values()) for row in rows], done, total)
+
+    def _insert_tuples(self, stage: str, table: Table, columns: list[str], values: list[tuple], done: int,
+                       total: int) -> None:
+        """Rows as tuples in the order of `columns`, their JSON values already text."""
+        if values:
             with self.engine.begin() as conn:
                 if conn.dialect.name == "postgresql":
                     _copy_rows(conn, table, columns, values)
@@ -354,23 +359,18 @@ class _Writer:
                 ex = lv.examples.take(rows)
                 values = round_significant(lv.token_values(rows, longest), 5)
                 token_values = json_float_rows(values, [lengths[c] for c in ex.context.tolist()])
-                batch = [
-                    {
-                        "run_id": self.run_id,
-                        "level": lv.level,
-                        "idx": int(ex.feature[j]),
-                        "kind": KIND_NAMES[int(ex.kind[j])],
-                        "bucket": int(ex.bucket[j]),
-                        "rank": int(ex.rank[j]),
-                        "context_id": int(ex.context[j]),
-                        "token_values": token_values[j],
-                        "max_value": float(ex.max_value[j]),
-                        "max_position": int(ex.max_position[j]),
-                    }
-                    for j in range(len(ex))
-                ]
+                kinds = [KIND_NAMES[k] for k in ex.kind.tolist()]
+                batch = list(zip(
+                    repeat(self.run_id), repeat(lv.level), ex.feature.tolist(), kinds, ex.bucket.tolist(),
+                    ex.rank.tolist(), ex.context.tolist(), token_values, ex.max_value.astype(float).tolist(),
+                    ex.max_position.tolist(),
+                ))
                 done += len(batch)
-                self._insert("examples", Example, batch, done, total)
+                self._insert_tuples("examples", Example.__table__, EXAMPLE_COLUMNS, batch, done, total)
+
+
+EXAMPLE_COLUMNS = ["run_id", "level", "idx", "kind", "bucket", "rank", "context_id", "token_values",
+                   "max_value", "max_position"]
 
 
 class RawJson(str):
@@ -388,14 +388,14 @@ def json_float_rows(values: np.ndarray, lengths: Sequence[int]) -> list[RawJson]
     live = np.arange(values.shape[1]) < np.asarray(lengths)[:, None]
     rows, cols = np.nonzero((values != 0) & live)
     bounds = np.searchsorted(rows, np.arange(len(values) + 1)).tolist()
-    nonzero = values[rows, cols].tolist()
+    texts = list(map(float.__repr__, values[rows, cols].tolist()))
     cols_list = cols.tolist()
     zeros = ["0.0"] * longest
     out = []
     for j, length in enumerate(lengths):
         parts = zeros[:length]
         for k in range(bounds[j], bounds[j + 1]):
-            parts[cols_list[k]] = repr(nonzero[k])
+            parts[cols_list[k]] = texts[k]
         out.append(RawJson("[" + ",".join(parts) + "]"))
     return out
 
