@@ -20,14 +20,16 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy import Engine
 from sqlalchemy.exc import DataError, InterfaceError, OperationalError
+from sqlalchemy.orm import Session, sessionmaker
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from backend import pages
+from backend import pages, queries
+from backend.api.cache import AnswerCache
 from backend.api.deps import APIError
 from backend.api.routes import API_ROUTERS, ROOT_ROUTERS
 from backend.db.session import make_engine, session_factory
-from backend.live import LiveError, LiveService
+from backend.live import LiveError, LiveRunSpec, LiveService, LiveUnavailable
 from backend.settings import Settings, get_settings
 
 API_PREFIX = "/api/v1"
@@ -61,6 +63,17 @@ def create_app(settings: Settings | None = None, *, local: bool = False) -> Fast
         # cores, 4 threads instead of 40 served twice the requests per second under 50 concurrent clients
         # (threads mostly overlap database round trips, and more of them only contend for the GIL).
         anyio.to_thread.current_default_thread_limiter().total_tokens = settings.api_threads
+        if settings.live_preload:
+            specs = await anyio.to_thread.run_sync(preload_specs, app.state.sessions, settings)
+            for spec in specs:
+                try:
+                    seconds = await app.state.live.preload(spec)
+                except LiveUnavailable as err:
+                    if settings.live_preload.strip() != "*":  # a run asked for by name must go live
+                        raise
+                    log.warning("live model not preloaded: %s", err)
+                else:
+                    log.warning("live model of run %r loaded and warmed up in %.1f s", spec.name, seconds)
         yield
         await app.state.live.close()
         read_engine.dispose()
@@ -78,6 +91,7 @@ def create_app(settings: Settings | None = None, *, local: bool = False) -> Fast
     app.state.sessions = session_factory(read_engine)
     app.state.write_sessions = session_factory(engine)
     app.state.live = LiveService(settings)
+    app.state.answers = AnswerCache(settings.api_cache_bytes)
 
     for router in API_ROUTERS:
         app.include_router(router, prefix=API_PREFIX)
@@ -89,6 +103,30 @@ def create_app(settings: Settings | None = None, *, local: bool = False) -> Fast
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes, import_limit=settings.max_import_bytes)
     _add_error_handlers(app)
     return app
+
+
+def preload_specs(sessions: sessionmaker[Session], settings: Settings) -> list[LiveRunSpec]:
+    """The runs `settings.live_preload` names ("*": the newest with a checkpoint, those that load), at most as
+    many as the live service keeps; a name that is not a run that can go live stops the start
+    (LiveUnavailable)."""
+    names = [name.strip() for name in settings.live_preload.split(",") if name.strip()]
+    with sessions() as session:
+        if names == ["*"]:
+            runs = list(queries.newest_live_runs(session, settings.live_cached_runs))
+        else:
+            if len(names) > settings.live_cached_runs:
+                raise LiveUnavailable(
+                    f"{len(names)} runs to preload, but the live service keeps {settings.live_cached_runs} "
+                    "(HSAE_LIVE_CACHED_RUNS)"
+                )
+            runs = []
+            for name in names:
+                run = queries.get_run(session, name)
+                if run is None or not run.checkpoint_path:
+                    why = "no such run" if run is None else "it has no checkpoint path (re-index it)"
+                    raise LiveUnavailable(f"cannot preload the live model of run {name!r}: {why}")
+                runs.append(run)
+    return [LiveRunSpec(r.name, r.model_name, r.layer, r.checkpoint_path, r.checkpoint_digest) for r in runs]
 
 
 def _read_engine(engine: Engine) -> Engine:

@@ -57,7 +57,9 @@ def index_cmd(
         run_dir, db_url=_db_url(db), default_db_url=get_settings().resolved_database_url,
         corpus=corpus, tokens=tokens, name=name, replace=replace, device=device,
     )
-    print(f"indexed run {summary.name!r}: {summary.tokens:,} tokens in {summary.contexts:,} contexts")
+    print(f"indexed run {summary.name!r}: {summary.tokens:,} tokens in {summary.contexts:,} contexts "
+          f"in {summary.seconds:.0f} s ({summary.tokens / summary.seconds:,.0f} tokens/s; database writes "
+          f"{summary.write_seconds:.0f} s, {100 * summary.write_seconds / summary.seconds:.0f}%)")
 
 
 @app.command("index-sae")
@@ -105,11 +107,16 @@ def serve_cmd(
     local: Annotated[
         bool, typer.Option(help="Listen on 127.0.0.1 only; annotation writes need no token.")
     ] = False,
+    live_preload: Annotated[
+        str | None,
+        typer.Option(help="Load these runs' live models before serving (names, comma-separated; * for the "
+                     "newest) [default: $HSAE_LIVE_PRELOAD, else on the first prompt]."),
+    ] = None,
 ) -> None:
     """Serve the API and the browser UI."""
     from backend.server import serve
 
-    serve(db_url=db, host=host, port=port, local=local)
+    serve(db_url=db, host=host, port=port, local=local, live_preload=live_preload)
 
 
 @app.command("export")

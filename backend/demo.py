@@ -140,5 +140,6 @@ def run_demo(
     if serve:
         print(f"\nHSAE Forest is serving the demo at http://{host}:{port}/runs/{RUN_NAME}  (Ctrl-C stops)\n",
               flush=True)
-        serve_app(db_url=db_url, host=host, port=port, local=True)
+        # The live model loads before the server answers: the first prompt is as fast as the rest.
+        serve_app(db_url=db_url, host=host, port=port, local=True, live_preload=RUN_NAME)
     return run_dir

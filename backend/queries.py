@@ -44,6 +44,7 @@ RUN_COLUMNS = (
     Run.level_widths,
     Run.n_tokens,
     Run.created_at,
+    Run.annotation_version,
 )
 """What every request needs of its run; the large JSON columns (config, corpus, ...) stay in the database."""
 
@@ -65,6 +66,13 @@ def get_run(session: Session, name: str) -> Row | None:
 
 def get_run_detail(session: Session, run_id: int) -> Run | None:
     return session.get(Run, run_id)
+
+
+def newest_live_runs(session: Session, limit: int) -> Sequence[Row]:
+    """The newest visible runs that know their checkpoint (live prompts can load them)."""
+    return session.execute(
+        _visible_runs().where(Run.checkpoint_path.is_not(None)).order_by(Run.created_at.desc()).limit(limit)
+    ).all()
 
 
 def find_runs_by_identity(session: Session, model: str, layer: int, arch: str, digest: str) -> Sequence[Row]:
@@ -445,6 +453,12 @@ def write_annotation(
         Feature.__table__.update()
         .where(Feature.run_id == run.id, Feature.level == current.level, Feature.idx == current.idx)
         .values(label=label, note=note, tags=tags, annotated_at=now)
+    )
+    # Cached pages of the run (backend/api/cache.py) go stale with this commit, not before or after it.
+    session.execute(
+        Run.__table__.update()
+        .where(Run.id == run.id)
+        .values(annotation_version=Run.annotation_version + 1)
     )
     session.add(
         AnnotationEvent(

@@ -5,8 +5,8 @@ from __future__ import annotations
 import ipaddress
 import os
 
-from backend.app import create_app
-from backend.db.session import describe_url, open_database
+from backend.app import create_app, preload_specs
+from backend.db.session import describe_url, open_database, session_factory
 from backend.settings import get_settings
 from trainer.errors import HSAEError
 
@@ -21,9 +21,13 @@ def serve(
     port: int = DEFAULT_PORT,
     local: bool = False,
     log_level: str = "info",
+    live_preload: str | None = None,
 ) -> None:
-    """Serve until interrupted. `local`: listen on 127.0.0.1 only and allow writes without a token."""
+    """Serve until interrupted. `local`: listen on 127.0.0.1 only and allow writes without a token.
+    `live_preload`: runs whose live models load before the server answers (Settings.live_preload)."""
     import uvicorn
+
+    from backend.http_protocol import NoDelayH11Protocol
 
     if local and host is not None and not _is_loopback(host):
         raise HSAEError(f"--local serves on {LOCAL_HOST} only (writes need no token); drop --host {host}")
@@ -31,9 +35,16 @@ def serve(
     settings = get_settings()
     if db_url is not None:
         settings = settings.model_copy(update={"database_url": db_url})
+    if live_preload is not None:
+        settings = settings.model_copy(update={"live_preload": live_preload})
     if settings.live_cpu_threads is None:  # this process serves: leave a core to the web server and database
         settings = settings.model_copy(update={"live_cpu_threads": max(1, (os.cpu_count() or 2) - 1)})
-    open_database(settings.resolved_database_url).dispose()  # a schema not at head stops here, with the fix
+    engine = open_database(settings.resolved_database_url)  # a schema not at head stops here, with the fix
+    try:
+        if settings.live_preload:  # a run that cannot go live stops here too, in one line
+            preload_specs(session_factory(engine), settings)
+    finally:
+        engine.dispose()
     app = create_app(settings, local=local)
     mode = (
         "local mode: writes allowed without a token"
@@ -44,11 +55,14 @@ def serve(
             else "read-only: no HSAE_WRITE_TOKEN"
         )
     )
+    if settings.live_preload:
+        print(f"loading the live models of {settings.live_preload} before serving", flush=True)
     print(
         f"HSAE Forest on http://{host}:{port} ({describe_url(settings.resolved_database_url)}; {mode})",
         flush=True,
     )
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5,
+                http=NoDelayH11Protocol)
 
 
 def _is_loopback(host: str) -> bool:

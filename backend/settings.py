@@ -21,6 +21,10 @@ class Settings(TrainerSettings):
     api_threads: int = Field(
         default=4, ge=1, description="Threads running the requests' database work (more add lock contention)."
     )
+    api_cache_bytes: int = Field(
+        default=64 << 20, ge=0,
+        description="Bytes of serialized answers about runs each server process keeps (0: none; see ETags).",
+    )
     max_prompt_tokens: int = Field(
         default=256, ge=1, description="Longest prompt the live endpoint encodes (longer: 413)."
     )
@@ -41,6 +45,13 @@ class Settings(TrainerSettings):
     )
     live_cpu_threads: int | None = Field(
         default=None, ge=1, description="Torch CPU threads of live models; `hsae serve` default: cores - 1."
+    )
+    live_preload: str = Field(
+        default="",
+        description="Runs whose live models load (and run once) at start-up, so the first prompt is as fast "
+        "as the rest: names separated by commas, or * for the newest runs with a checkpoint (at most "
+        "live_cached_runs). Empty: each loads on its first prompt (a browse-only server never imports "
+        "torch).",
     )
     max_body_bytes: int = Field(
         default=1 << 20, ge=1024, description="Largest request body (larger: 413)."

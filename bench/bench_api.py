@@ -1,12 +1,22 @@
-"""API latency under load, against a real uvicorn server on loopback and a generated PostgreSQL database.
+"""API latency under load, against real uvicorn servers on loopback and a generated PostgreSQL database,
+each figure measured in the same run on a baseline server and on tuned ones, printed as ratios.
 
 1. Generates a run of 100k features (MoE-shaped: parents with 15 children each) and 1M examples with their
    contexts, by COPY, into a fresh database on the local server (`--scale 0.1` for a tenth).
-2. Starts `uvicorn backend.app:create_app` in its own process and drives the browse endpoints (forest,
-   children, feature, search) with `--clients` closed-loop keep-alive connections for `--seconds` each:
-   p50 / p95 latency and requests/s (goal: p95 <= 25 ms), then feature and search with one client.
-3. Live activations of a 64-token prompt with the bundled SmolLM2 at `--layer` and a freshly initialised MoE
-   H-SAE of the default size: p50 / p95 with one client (goal p95 <= 250 ms), and throughput with 8.
+2. Per server configuration, starts `uvicorn backend.app:create_app` in its own processes and drives:
+   - the browse endpoints (forest, children, feature, search) with `--clients` closed-loop keep-alive
+     connections for `--seconds` each, then a "hot" set of 200 features (what many readers of the same
+     pages ask), plain and revalidating (If-None-Match with the ETag the client last got for that page);
+     then feature, search and hot features with one client;
+   - live activations of a 40-token prompt with the bundled SmolLM2 at `--layer` and a freshly initialised
+     MoE H-SAE of the default size: the first prompt after the server answers /healthz, p50 / p95 with one
+     client, and throughput and p95 with 8 concurrent clients (batched by the live queue).
+   All configurations serve at once, and each workload runs on each in turn (other load on the machine
+   drifts; so it falls on all alike). Configurations:
+   - `baseline`: uvicorn's own h11 protocol, no answer cache (HSAE_API_CACHE_BYTES=0), the live model
+     loaded on the first prompt;
+   - `nodelay`: backend.http_protocol (TCP_NODELAY on every connection) alone, browse only;
+   - `tuned`: that, the answer cache with ETags, and the live model preloaded (HSAE_LIVE_PRELOAD).
 
     .venv/bin/python bench/bench_api.py [--scale 1] [--clients 50] [--seconds 10] [--workers 1]
                                         [--no-live] [--no-browse] [--keep]
@@ -42,8 +52,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from backend.db.session import upgrade  # noqa: E402
+from backend.http_protocol import IMPORT_STRING as NODELAY_HTTP  # noqa: E402
 
 RUN = "bench"
+HOT_FEATURES = 200
+PROMPT_TOKENS = 40
 LIVE_RUN = "bench-live"
 CHILDREN = 15
 EXAMPLES_PER_FEATURE = 10  # 6 top + 4 quantile buckets
@@ -320,11 +333,29 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(url: str, port: int, workers: int) -> subprocess.Popen:
+@dataclass(frozen=True)
+class Config:
+    name: str
+    http: str  # uvicorn --http
+    cache_bytes: int
+    preload: str
+
+
+CONFIGS = (
+    Config("baseline", "h11", 0, ""),
+    Config("nodelay", NODELAY_HTTP, 0, ""),  # browse only: what TCP_NODELAY alone changes
+    Config("tuned", NODELAY_HTTP, 64 << 20, LIVE_RUN),
+)
+
+
+def start_server(url: str, port: int, workers: int, config: Config, live: bool) -> subprocess.Popen:
     env = {
         **os.environ,
         "HSAE_DATABASE_URL": url,
+        "HSAE_API_CACHE_BYTES": str(config.cache_bytes),
+        "HSAE_LIVE_PRELOAD": config.preload if live else "",
         "HSAE_LIVE_QUEUE_SIZE": "64",
+        "HSAE_LIVE_TIMEOUT_S": "600",  # a first prompt that loads the model must finish, to be measured
         "HSAE_LIVE_CPU_THREADS": str(max(1, (os.cpu_count() or 2) - 1)),  # as `hsae serve` does
         "TOKENIZERS_PARALLELISM": "false",
     }
@@ -341,6 +372,8 @@ def start_server(url: str, port: int, workers: int) -> subprocess.Popen:
             str(port),
             "--workers",
             str(workers),
+            "--http",
+            config.http,
             "--no-access-log",
             "--log-level",
             "warning",
@@ -348,7 +381,7 @@ def start_server(url: str, port: int, workers: int) -> subprocess.Popen:
         cwd=REPO,
         env=env,
     )
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 300  # a preloaded live model loads first
     while time.monotonic() < deadline:
         try:
             if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
@@ -359,7 +392,7 @@ def start_server(url: str, port: int, workers: int) -> subprocess.Popen:
             raise SystemExit("the server exited at start")
         time.sleep(0.2)
     server.kill()
-    raise SystemExit("the server did not start within 60 s")
+    raise SystemExit("the server did not start within 300 s")
 
 
 @dataclass
@@ -368,6 +401,13 @@ class Result:
     latencies_ms: list[float]
     seconds: float
     errors: int
+
+    def p(self, q: float) -> float:
+        return float(np.percentile(self.latencies_ms, q)) if self.latencies_ms else float("nan")
+
+    @property
+    def rps(self) -> float:
+        return len(self.latencies_ms) / self.seconds
 
     def line(self) -> str:
         if not self.latencies_ms:
@@ -393,23 +433,31 @@ class Connection:
     async def open(cls, port: int) -> Connection:
         return cls(*await asyncio.open_connection("127.0.0.1", port))
 
-    async def get(self, path: str) -> tuple[int, bytes]:
-        self.writer.write(f"GET {path} HTTP/1.1\r\nHost: bench\r\n\r\n".encode())
+    async def get(self, path: str, etag: bytes | None = None) -> tuple[int, bytes, bytes | None]:
+        """(status, body, ETag or None); `etag`: sent as If-None-Match."""
+        condition = b"If-None-Match: " + etag + b"\r\n" if etag else b""
+        self.writer.write(f"GET {path} HTTP/1.1\r\nHost: bench\r\n".encode() + condition + b"\r\n")
         head = await self.reader.readuntil(b"\r\n\r\n")
-        length = 0
+        length, tag = 0, None
         for line in head.split(b"\r\n"):
-            if line[:15].lower() == b"content-length:":
+            name = line[:15].lower()
+            if name == b"content-length:":
                 length = int(line[15:])
-        return int(head[9:12]), await self.reader.readexactly(length)
+            elif name[:5] == b"etag:":
+                tag = line[5:].strip()
+        return int(head[9:12]), await self.reader.readexactly(length), tag
 
     def close(self) -> None:
         self.writer.close()
 
 
 async def closed_loop(
-    port: int, name: str, make_path, clients: int, seconds: float, warmup: float = 1.0
+    port: int, name: str, make_path, clients: int, seconds: float, warmup: float = 1.0,
+    revalidate: bool = False,
 ) -> Result:
-    """`clients` connections, each sending its next request as soon as the last answer arrived."""
+    """`clients` connections, each sending its next request as soon as the last answer arrived;
+    `revalidate`: each client sends the ETag it last got for the path (as a browser does), and 304 counts
+    as success."""
     latencies: list[float] = []
     errors = 0
     measure_from = time.perf_counter() + warmup
@@ -419,12 +467,15 @@ async def closed_loop(
         nonlocal errors
         rng = random.Random(seed)
         connection = await Connection.open(port)
+        held: dict[str, bytes] = {}
         try:
             while (now := time.perf_counter()) < stop:
                 path = make_path(rng)
-                status, body = await connection.get(path)
+                status, body, etag = await connection.get(path, held.get(path) if revalidate else None)
                 done = time.perf_counter()
-                if status != 200:
+                if etag:
+                    held[path] = etag
+                if status not in (200, 304):
                     errors += 1
                     if errors == 1:
                         print(f"  first error: GET {path} -> {status} {body[:200]!r}")
@@ -456,7 +507,15 @@ def browse_paths(sizes: Sizes) -> dict:
     def search(rng: random.Random) -> str:
         return f"{run}/search?q={rng.choice(VOCAB)}{rng.randrange(97)}&limit=20"
 
-    return {"forest (roots page)": forest, "children": children, "feature": feature, "search": search}
+    hot = random.Random(1).sample(range(sizes.features), min(HOT_FEATURES, sizes.features))
+
+    def feature_hot(rng: random.Random) -> str:
+        key = rng.choice(hot)
+        level = int(key >= sizes.parents)
+        return f"{run}/features/{level}/{key - sizes.parents if level else key}"
+
+    return {"forest (roots page)": forest, "children": children, "feature": feature, "search": search,
+            "feature (hot 200)": feature_hot}
 
 
 def prompt_of(tokens: int) -> str:
@@ -475,10 +534,13 @@ def prompt_of(tokens: int) -> str:
     return prompt
 
 
-async def live_bench(base: str, prompt: str, requests: int) -> tuple[Result, Result]:
+async def live_bench(base: str, prompt: str, requests: int) -> tuple[float, Result, Result]:
+    """(first prompt's ms, one client, 8 concurrent clients)."""
     path = f"/api/v1/runs/{LIVE_RUN}/activations"
-    async with httpx.AsyncClient(base_url=base, timeout=120) as client:
-        first = await client.post(path, json={"text": prompt})  # loads the models
+    async with httpx.AsyncClient(base_url=base, timeout=300) as client:
+        t = time.perf_counter()
+        first = await client.post(path, json={"text": prompt})  # loads the models unless preloaded
+        first_ms = (time.perf_counter() - t) * 1000
         if first.status_code != 200:
             raise SystemExit(f"live warm-up failed: {first.status_code} {first.text[:300]}")
         device = first.json()["device"]
@@ -491,7 +553,8 @@ async def live_bench(base: str, prompt: str, requests: int) -> tuple[Result, Res
             response = await client.post(path, json={"text": prompt})
             assert response.status_code == 200, response.text
             single.append((time.perf_counter() - t) * 1000)
-        one = Result(f"live 64 tok, 1 client ({device})", single, time.perf_counter() - started, 0)
+        name = f"live {PROMPT_TOKENS} tok"
+        one = Result(f"{name}, 1 client ({device})", single, time.perf_counter() - started, 0)
 
         concurrent: list[float] = []
 
@@ -504,8 +567,73 @@ async def live_bench(base: str, prompt: str, requests: int) -> tuple[Result, Res
 
         started = time.perf_counter()
         await asyncio.gather(*(worker(max(1, requests // 4)) for _ in range(8)))
-        eight = Result(f"live 64 tok, 8 clients ({device})", concurrent, time.perf_counter() - started, 0)
-    return one, eight
+        eight = Result(f"{name}, 8 clients ({device})", concurrent, time.perf_counter() - started, 0)
+    return first_ms, one, eight
+
+
+def measure(args, url: str, sizes: Sizes, prompt: str | None) -> dict[str, dict[str, float]]:
+    """Start a server per configuration (all at once, each on its own port), then run every workload on
+    each in turn, so that other load on the machine, which drifts, falls on all of them alike; per
+    configuration, the figures by name."""
+    configs = [c for c in CONFIGS if not (args.no_browse and c.name == "nodelay")]
+    live = {c.name: prompt is not None and c.name != "nodelay" for c in configs}
+    figures: dict[str, dict[str, float]] = {c.name: {} for c in configs}
+    servers: dict[str, tuple[subprocess.Popen, int]] = {}
+    try:
+        for config in configs:
+            port = free_port()
+            servers[config.name] = start_server(url, port, args.workers, config, live[config.name]), port
+            print(
+                f"[{config.name}] uvicorn --http {config.http}, {args.workers} worker(s), answer cache "
+                f"{config.cache_bytes >> 20} MiB, "
+                f"live preload {(live[config.name] and config.preload) or 'off'}",
+                flush=True,
+            )
+        print(f"{os.cpu_count()} CPUs shared by the servers, the database and the load generator "
+              f"(load average {os.getloadavg()[0]:.1f})", flush=True)
+        for config in configs:
+            if not live[config.name]:
+                continue
+            port = servers[config.name][1]
+            first_ms, one, eight = asyncio.run(
+                live_bench(f"http://127.0.0.1:{port}", prompt, args.live_requests)
+            )
+            print(f"[{config.name}] {'live first prompt':<28} {first_ms:9.1f} ms", flush=True)
+            print(f"[{config.name}] {one.line()}", flush=True)
+            print(f"[{config.name}] {eight.line()}", flush=True)
+            figures[config.name] |= {
+                "live first prompt, ms": first_ms,
+                "live 1 client p50, ms": one.p(50),
+                "live 1 client p95, ms": one.p(95),
+                "live 8 clients, req/s": eight.rps,
+                "live 8 clients p95, ms": eight.p(95),
+            }
+        if not args.no_browse:
+            paths = browse_paths(sizes)
+            runs = [(name, make_path, args.clients, False) for name, make_path in paths.items()]
+            runs.append(("feature (hot 200), revalidate", paths["feature (hot 200)"], args.clients, True))
+            runs += [(f"{name}, 1 client", paths[name], 1, False)
+                     for name in ("feature", "search", "feature (hot 200)")]
+            for name, make_path, clients, revalidate in runs:
+                for config in configs:
+                    seconds = args.seconds if clients > 1 else args.seconds / 2
+                    port = servers[config.name][1]
+                    result = asyncio.run(
+                        closed_loop(port, name, make_path, clients, seconds, revalidate=revalidate)
+                    )
+                    print(f"[{config.name:>8}] {result.line()}", flush=True)
+                    label = name if clients == 1 else f"{name}, {clients} clients"
+                    figures[config.name] |= {
+                        f"{label} p50, ms": result.p(50),
+                        f"{label} p95, ms": result.p(95),
+                        f"{label}, req/s": result.rps,
+                    }
+    finally:
+        for server, _ in servers.values():
+            server.terminate()
+        for server, _ in servers.values():
+            server.wait(30)
+    return figures
 
 
 def main() -> None:
@@ -524,42 +652,24 @@ def main() -> None:
     args = parser.parse_args()
 
     url = create_database(args.admin_url).replace("postgresql://", "postgresql+psycopg://")
-    server = None
     try:
         upgrade(url)
         sizes = generate(url, args.scale)
+        prompt = None
         if not args.no_live:
             add_live_run(url, args.layer)
-        port = args.port or free_port()
-        server = start_server(url, port, args.workers)
-        base = f"http://127.0.0.1:{port}"
-        print(
-            f"server: uvicorn, {args.workers} worker(s); {os.cpu_count()} CPUs shared by server, database "
-            f"and load generator (load average before: {os.getloadavg()[0]:.1f})",
-            flush=True,
-        )
-        if not args.no_browse:
-            print(
-                f"{args.clients} closed-loop keep-alive clients, {args.seconds:g} s per endpoint", flush=True
-            )
-            paths = browse_paths(sizes)
-            for name, make_path in paths.items():
-                result = asyncio.run(closed_loop(port, name, make_path, args.clients, args.seconds))
-                print(result.line(), flush=True)
-            for name in ("feature", "search"):
-                single = asyncio.run(closed_loop(port, f"{name}, 1 client", paths[name], 1, args.seconds / 2))
-                print(single.line(), flush=True)
-        if not args.no_live:
-            one, eight = asyncio.run(live_bench(base, prompt_of(64), args.live_requests))
-            print(one.line(), flush=True)
-            print(
-                eight.line() + f"  = {len(eight.latencies_ms) * 64 / eight.seconds:,.0f} tokens/s", flush=True
-            )
-        print(f"load average after: {os.getloadavg()[0]:.1f}")
+            prompt = prompt_of(PROMPT_TOKENS)
+        results = measure(args, url, sizes, prompt)
+        names = list(results)
+        print(f"\n{'figure':<48}" + "".join(f"{n:>10}" for n in names)
+              + "".join(f"{n + '/base':>14}" for n in names[1:]) + "   (ratios: >1 is better)")
+        for figure, before in results["baseline"].items():
+            values = [results[n].get(figure, float("nan")) for n in names]
+            ratios = [v / before if figure.endswith("req/s") else before / v for v in values[1:]]
+            print(f"{figure:<48}" + "".join(f"{v:10.1f}" for v in values)
+                  + "".join(f"{r:13.2f}x" for r in ratios))
+        print(f"load average after: {os.getloadavg()[0]:.1f}; device: {os.cpu_count()}-core CPU")
     finally:
-        if server is not None:
-            server.terminate()
-            server.wait(10)
         if args.keep:
             print(f"kept {url}")
         else:

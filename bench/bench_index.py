@@ -6,6 +6,9 @@ to one index run. The ratio compares, inside one child, extracting N tokens of a
 tokens (which extracts them too, then encodes, accumulates and writes): the overhead is everything indexing
 adds.
 
+Indexing with this tree's database writer is compared, in the same run and on the same tokens, with the
+baseline writer (bench_index_db.BASELINE_COMMIT): tokens/s and the share of the index time spent writing.
+
     .venv/bin/python bench/bench_index.py [--tokens 10000]
 """
 
@@ -39,24 +42,35 @@ def child(args: argparse.Namespace) -> None:
         source = ActivationCache(lm, "demo", root=root).ensure(args.tokens)
         out["extract_tok_s"] = source.num_rows / (time.perf_counter() - t)
         del lm
+    if args.baseline_writer:
+        import backend.index.pipeline as pipeline
+        from bench.bench_index_db import baseline_write_run
+
+        pipeline.write_run = baseline_write_run()
     t = time.perf_counter()
     summary = index_checkpoint(Path(args.run), db_url=args.db, default_db_url=args.db, corpus="demo",
                                tokens=args.tokens, name=f"bench-{uuid.uuid4().hex[:6]}", device="cpu")
     out["index_s"] = time.perf_counter() - t
     out["index_tok_s"] = summary.tokens / out["index_s"]
     out["indexed_tokens"] = summary.tokens
+    out["write_share"] = summary.write_seconds / summary.seconds
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("RESULT " + json.dumps(out))
 
 
-def run_child(run_dir: Path, tokens: int, db: str, with_baseline: bool, data: Path) -> dict:
+def run_child(run_dir: Path, tokens: int, db: str, with_baseline: bool, data: Path,
+              baseline_writer: bool = False) -> dict:
     data.mkdir(parents=True)
     for shared in ("models", "corpora"):  # conversion and corpus assembly are not what is measured
         (data / shared).symlink_to(REPO / "data" / shared)
     cmd = [sys.executable, __file__, "--child", "--run", str(run_dir), "--tokens", str(tokens), "--db", db]
     if with_baseline:
         cmd.append("--with-baseline")
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HSAE_DATA_DIR": str(data)})
+    if baseline_writer:
+        cmd.append("--baseline-writer")
+    env = {**os.environ, "HSAE_DATA_DIR": str(data), "PYTHONPATH": os.pathsep.join(
+        filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise SystemExit(proc.stderr[-3000:])
     return json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[7:])
@@ -81,6 +95,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=10_000)
     parser.add_argument("--child", action="store_true")
     parser.add_argument("--with-baseline", action="store_true")
+    parser.add_argument("--baseline-writer", action="store_true")
     parser.add_argument("--run")
     parser.add_argument("--db")
     args = parser.parse_args()
@@ -107,6 +122,9 @@ def main() -> None:
         sqlite = f"sqlite:///{tmp / 'ratio.db'}"
         db_upgrade(sqlite)
         ratio = run_child(run_dir, n, sqlite, True, tmp / "d1")
+        old_sqlite = f"sqlite:///{tmp / 'old-writer.db'}"
+        db_upgrade(old_sqlite)
+        old_writer = run_child(run_dir, n, old_sqlite, False, tmp / "d0", baseline_writer=True)
         small_db, large_db = f"sqlite:///{tmp / 'small.db'}", f"sqlite:///{tmp / 'large.db'}"
         small = run_child(run_dir, n, small_db, False, tmp / "d2")
         large = run_child(run_dir, 4 * n, large_db, False, tmp / "d3")
@@ -126,6 +144,9 @@ def main() -> None:
     print(f"moe 1024 parents x 16 children, k=32, layer 15 of SmolLM2-135M, CPU threads {os.cpu_count()}")
     print(f"bare extraction: {ratio['extract_tok_s']:8.0f} tok/s")
     print(f"hsae index:      {ratio['index_tok_s']:8.0f} tok/s  (extract + encode + accumulate + write)")
+    print(f"  of which SQLite writes {100 * ratio['write_share']:.0f}% of the index time; with the baseline "
+          f"writer {old_writer['index_tok_s']:.0f} tok/s, writes {100 * old_writer['write_share']:.0f}%: "
+          f"tokens/s {ratio['index_tok_s'] / old_writer['index_tok_s']:.2f}x the baseline's")
     print(f"index / extraction = {ratio['index_tok_s'] / ratio['extract_tok_s']:.3f} "
           f"(overhead {100 * (1 - ratio['index_tok_s'] / ratio['extract_tok_s']):.1f}%; goal < 15%)")
     marginal = (large["indexed_tokens"] - small["indexed_tokens"]) / (large["index_s"] - small["index_s"])

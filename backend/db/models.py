@@ -12,8 +12,9 @@ Rules every reader and writer relies on:
   complete=False in many transactions and flips it in one final one; a crash leaves an invisible orphan
   that the next index of the same name deletes. At most one *complete* run holds a name.
 - Annotation changes append an AnnotationEvent (old and new values) in the same transaction that updates
-  Feature.label/note/tags and sets Feature.annotated_at. Events are keyed by run *name*, not run id, so the
-  history outlives a re-index of the run.
+  Feature.label/note/tags, sets Feature.annotated_at and bumps Run.annotation_version. Everything else of a
+  complete run is never written again: the API caches a run's answers keyed by (id, digest, that version).
+  Events are keyed by run *name*, not run id, so the history outlives a re-index of the run.
 - Text search: `lower(column) LIKE lower(p)` on label, note and top_tokens_text, p = "%term%" (escape %
   and _), on both backends (what `ilike` renders on SQLite). Written so, PostgreSQL answers it from the
   trigram index ix_features_search (pg_trgm, PostgreSQL only) instead of scanning the run.
@@ -93,6 +94,10 @@ class Run(Base):
     n_tokens: Mapped[int] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     complete: Mapped[bool] = mapped_column(Boolean, default=False)
+    annotation_version: Mapped[int] = mapped_column(
+        BigInteger, default=0, server_default="0",
+        doc="bumped by every annotation change of the run (same transaction); the API's ETags key on it",
+    )
 
     __table_args__ = (
         Index("ix_runs_name", "name"),

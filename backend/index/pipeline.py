@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,8 @@ class IndexSummary:
     name: str
     tokens: int
     contexts: int
+    seconds: float = 0.0  # the whole index run
+    write_seconds: float = 0.0  # of which writing to the database
 
 
 def prepare_database(url: str, default_url: str) -> None:
@@ -62,6 +65,7 @@ def index_sae_folders(
     config: IndexConfig | None = None,
 ) -> IndexSummary:
     """`hsae index-sae`: every check (folders, hooks, widths, the model) before the database is touched."""
+    started = time.perf_counter()
     check_run_name(name)
     family = open_saes(sae_dirs, model=model, layer=layer, device=resolve_device(device))
     check_model(family)  # its config only: width and depth
@@ -69,9 +73,11 @@ def index_sae_folders(
     lm = load_model_for(family, device)
     indexed = index_saes(family, lm, name=name, corpus=corpus, tokens=tokens,
                          unassigned_fraction=unassigned_fraction, config=config)
+    writing = time.perf_counter()
     run_id = _write(db_url, indexed, replace)
+    done = time.perf_counter()
     return IndexSummary(run_id=run_id, name=indexed.info.name, tokens=indexed.tokens,
-                        contexts=indexed.n_contexts)
+                        contexts=indexed.n_contexts, seconds=done - started, write_seconds=done - writing)
 
 
 def index_checkpoint(
@@ -86,11 +92,15 @@ def index_checkpoint(
     device: str = "auto",
     config: IndexConfig | None = None,
 ) -> IndexSummary:
+    started = time.perf_counter()
     ckpt = checkpoint.open(Path(run_dir).resolve(), device=resolve_device(device))
     # Before the long part: a database that cannot take it stops here.
     prepare_database(db_url, default_db_url)
     indexed = index_run(ckpt, corpus=corpus, tokens=tokens, name=name, device=device, config=config)
+    writing = time.perf_counter()
     run_id = _write(db_url, indexed, replace)
+    done = time.perf_counter()
     return IndexSummary(
-        run_id=run_id, name=indexed.info.name, tokens=indexed.tokens, contexts=indexed.n_contexts
+        run_id=run_id, name=indexed.info.name, tokens=indexed.tokens, contexts=indexed.n_contexts,
+        seconds=done - started, write_seconds=done - writing,
     )

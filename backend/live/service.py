@@ -4,7 +4,8 @@ A prompt is tokenized in a worker thread, checked against the token limit (413),
 answers 503 with Retry-After). One model thread takes whatever is queued, up to `live_batch_size` prompts,
 and encodes them in one padded forward pass (right padding is invisible to real tokens under a causal mask).
 Every request has one deadline covering loading, queueing and compute (504 past it). Models stay loaded per
-run, the least recently used dropped beyond `live_cached_runs`.
+run, the least recently used dropped beyond `live_cached_runs`; `preload` loads and warms them up before the
+first request (`live_preload`, which `hsae demo` sets).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from backend.live.model import (
 )
 from backend.settings import Settings
 
+WARMUP_TEXT = "The river flows past the old city, where people gather every morning to trade fish and news."
 CHARS_PER_TOKEN_BOUND = (
     64  # no real tokenizer packs more characters into a token: longer texts are refused unread
 )
@@ -140,6 +142,21 @@ class LiveService:
 
     def _timeout(self) -> LiveTimeout:
         return LiveTimeout(f"the live model did not answer within {self.timeout_s:g} s; try again later")
+
+    async def preload(self, spec: LiveRunSpec, warmup_text: str = WARMUP_TEXT) -> float:
+        """Load the run's model and encode a prompt with it (the first forward passes pay one-time costs:
+        kernel selection, allocator growth), so that its first request is as fast as the rest. Returns the
+        seconds it took; a run that cannot be loaded raises LiveUnavailable."""
+        started = time.perf_counter()
+        model = await asyncio.wrap_future(self._model_future(spec))
+
+        def warm_up() -> None:
+            ids = [t.id for t in model.tokenize(warmup_text)]
+            for batch in ([ids], [ids, ids[: len(ids) // 2]]):
+                model.encode(batch)
+
+        await asyncio.get_running_loop().run_in_executor(self._executor, warm_up)
+        return time.perf_counter() - started
 
     def _model_future(self, spec: LiveRunSpec) -> concurrent.futures.Future:
         """A future of the loaded model: done at once when cached; one load per run however many ask."""

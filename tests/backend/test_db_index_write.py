@@ -295,3 +295,22 @@ def test_delete_run_works_in_batches_and_spares_visible_runs(db_url, engine):
     assert _counts(engine, run_id) == dict.fromkeys(_counts(engine, run_id), 0)
     with engine.connect() as conn:
         assert conn.scalar(select(func.count()).where(Run.id == run_id)) == 0
+
+
+def test_example_values_are_written_as_compact_json_writes_them():
+    """The writer's own serializer of token values (zeros unformatted) gives compact_json's exact text, for
+    sparse and dense rows, rows shorter than the widest, and values of every magnitude."""
+    from backend.db.session import compact_json
+    from backend.index.writer import json_float_rows, round_significant
+
+    rng = np.random.default_rng(0)
+    values = rng.gamma(0.5, 3.0, (40, 16)) * 10.0 ** rng.integers(-6, 6, (40, 16))
+    values[rng.random((40, 16)) < 0.8] = 0.0
+    values[3] = rng.random(16) + 0.5  # dense
+    values[4] = 0.0
+    values = round_significant(values, 5)
+    lengths = rng.integers(0, 17, 40).tolist()
+    lengths[3] = 16
+    assert json_float_rows(values, lengths) == [compact_json(values[j, :n].tolist())
+                                               for j, n in enumerate(lengths)]
+    assert json_float_rows(np.zeros((0, 4)), []) == []

@@ -1,10 +1,12 @@
 from typing import Annotated
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Request
 from sqlalchemy import Row
+from sqlalchemy.orm import Session
 
 from backend import queries
 from backend.api import views
+from backend.api.cache import run_answer
 from backend.api.deps import DbDep, IndexPath, LevelPath, PagingDep, RunName, find_run, not_found
 from backend.api.schemas import (
     LEVEL_BOUNDS,
@@ -34,6 +36,7 @@ def missing_feature(run: Row, level: int, index: int):
 
 @router.get("/runs/{run}/forest", response_model=ForestPage, responses=views.ERRORS)
 def forest(
+    request: Request,
     db: DbDep,
     run_name: RunName,
     page: PagingDep,
@@ -45,10 +48,14 @@ def forest(
     q = q or None
     with db() as session:
         run = find_run(session, run_name)
-        if level >= len(run.level_widths):
-            raise not_found(f"run {run.name!r} has levels 0..{len(run.level_widths) - 1}, not {level}")
-        total = queries.count_level(session, run.id, level, q) if q else run.level_widths[level]
-        rows = queries.list_level(session, run.id, level, sort.value, page.offset, page.limit, q)
+        return run_answer(request, run, ForestPage, lambda: _forest(session, run, page, level, sort, q))
+
+
+def _forest(session: Session, run: Row, page, level: int, sort: SortKey, q: str | None):
+    if level >= len(run.level_widths):
+        raise not_found(f"run {run.name!r} has levels 0..{len(run.level_widths) - 1}, not {level}")
+    total = queries.count_level(session, run.id, level, q) if q else run.level_widths[level]
+    rows = queries.list_level(session, run.id, level, sort.value, page.offset, page.limit, q)
     return {
         "run": run.name,
         "level": level,
@@ -62,12 +69,16 @@ def forest(
 
 
 @router.get(FEATURE, response_model=FeatureDetail, responses=views.ERRORS)
-def feature(db: DbDep, run_name: RunName, level: LevelPath, index: IndexPath):
+def feature(request: Request, db: DbDep, run_name: RunName, level: LevelPath, index: IndexPath):
     """Stats, parent, first children, top output tokens, activation histogram and cross-width relatives of
     one feature."""
     with db() as session:
         run = find_run(session, run_name)
-        found = queries.get_feature_page(session, run.id, level, index)
+        return run_answer(request, run, FeatureDetail, lambda: _feature(session, run, level, index))
+
+
+def _feature(session: Session, run: Row, level: int, index: int):
+    found = queries.get_feature_page(session, run.id, level, index)
     if found is None:
         raise missing_feature(run, level, index)
     row = found.feature
@@ -99,6 +110,7 @@ def feature(db: DbDep, run_name: RunName, level: LevelPath, index: IndexPath):
 
 @router.get(FEATURE + "/children", response_model=ChildrenPage, responses=views.ERRORS)
 def children(
+    request: Request,
     db: DbDep,
     run_name: RunName,
     level: LevelPath,
@@ -109,10 +121,16 @@ def children(
     """The feature's children, with how each co-fires with it."""
     with db() as session:
         run = find_run(session, run_name)
-        parent = queries.get_feature_ref(session, run.id, level, index)
-        if parent is None:
-            raise missing_feature(run, level, index)
-        rows = queries.list_children(session, run.id, level, index, sort.value, page.offset, page.limit)
+        return run_answer(
+            request, run, ChildrenPage, lambda: _children(session, run, level, index, page, sort)
+        )
+
+
+def _children(session: Session, run: Row, level: int, index: int, page, sort: SortKey):
+    parent = queries.get_feature_ref(session, run.id, level, index)
+    if parent is None:
+        raise missing_feature(run, level, index)
+    rows = queries.list_children(session, run.id, level, index, sort.value, page.offset, page.limit)
     return {
         "parent": views.feature_ref(level, index, parent.label),
         "sort": sort,
@@ -124,12 +142,23 @@ def children(
 
 
 @router.get(FEATURE + "/position", response_model=FeaturePosition, responses=views.ERRORS)
-def position(db: DbDep, run_name: RunName, level: LevelPath, index: IndexPath, sort: Sort = SortKey.index):
+def position(
+    request: Request,
+    db: DbDep,
+    run_name: RunName,
+    level: LevelPath,
+    index: IndexPath,
+    sort: Sort = SortKey.index,
+):
     """Where the feature is listed, in the forest of its level and among its parent's children, for `sort`
     (ties broken by index in the key's direction, as the listings do)."""
     with db() as session:
         run = find_run(session, run_name)
-        found = queries.feature_position(session, run.id, level, index, sort.value)
+        return run_answer(request, run, FeaturePosition, lambda: _position(session, run, level, index, sort))
+
+
+def _position(session: Session, run: Row, level: int, index: int, sort: SortKey):
+    found = queries.feature_position(session, run.id, level, index, sort.value)
     if found is None:
         raise missing_feature(run, level, index)
     return {
@@ -142,6 +171,7 @@ def position(db: DbDep, run_name: RunName, level: LevelPath, index: IndexPath, s
 
 @router.get(FEATURE + "/examples", response_model=ExamplesPage, responses=views.ERRORS)
 def examples(
+    request: Request,
     db: DbDep,
     run_name: RunName,
     level: LevelPath,
@@ -152,12 +182,18 @@ def examples(
     """Top-activating contexts (then lower-quantile ones) with the feature's value on every token."""
     with db() as session:
         run = find_run(session, run_name)
-        found = queries.get_feature_ref(session, run.id, level, index)
-        if found is None:
-            raise missing_feature(run, level, index)
-        total, rows = queries.list_examples(
-            session, run.id, level, index, kind.value if kind else None, page.offset, page.limit
+        return run_answer(
+            request, run, ExamplesPage, lambda: _examples(session, run, level, index, page, kind)
         )
+
+
+def _examples(session: Session, run: Row, level: int, index: int, page, kind: ExampleKind | None):
+    found = queries.get_feature_ref(session, run.id, level, index)
+    if found is None:
+        raise missing_feature(run, level, index)
+    total, rows = queries.list_examples(
+        session, run.id, level, index, kind.value if kind else None, page.offset, page.limit
+    )
     return {
         "feature": views.feature_ref(level, index, found.label),
         "kind": kind,

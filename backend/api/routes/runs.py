@@ -1,7 +1,8 @@
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 
 from backend import queries
 from backend.api import views
+from backend.api.cache import run_answer
 from backend.api.deps import DbDep, PagingDep, RunName, find_run, not_found
 from backend.api.schemas import RunDetail, RunsPage
 
@@ -18,10 +19,15 @@ def list_runs(db: DbDep, page: PagingDep):
 
 
 @router.get("/runs/{run}", response_model=RunDetail, responses=views.ERRORS)
-def get_run(db: DbDep, run_name: RunName):
+def get_run(request: Request, db: DbDep, run_name: RunName):
     """A run with its checkpoint config, metrics, corpus and index settings."""
     with db() as session:
-        detail = queries.get_run_detail(session, find_run(session, run_name).id)
-        if detail is None:  # replaced since its name was looked up
-            raise not_found(f"no run named {run_name!r}")
-        return views.run_detail(detail)
+        run = find_run(session, run_name)
+
+        def build():
+            detail = queries.get_run_detail(session, run.id)
+            if detail is None:  # replaced since its name was looked up
+                raise not_found(f"no run named {run_name!r}")
+            return views.run_detail(detail)
+
+        return run_answer(request, run, RunDetail, build)
