@@ -41,19 +41,25 @@ def env_world() -> World:
     return World(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")))
 
 
-def init_from_env(device: str = "auto") -> World:
-    """Joins torchrun's process group once (later calls return the same world); `device` is the training
-    device flag: NCCL when it resolves to CUDA, gloo otherwise."""
+def init_from_env(device: str = "auto") -> tuple[World, bool]:
+    """Joins torchrun's process group unless this process already has one; `device` is the training device
+    flag: NCCL when it resolves to CUDA, gloo otherwise. Returns (the world, whether this call joined it: the
+    caller then leaves it with `close`)."""
     world = env_world()
     if not world.parallel:
-        return world
+        return world, False
     if dist.is_initialized():
-        return World(dist.get_rank(), dist.get_world_size())
+        return World(dist.get_rank(), dist.get_world_size()), False
     use_cuda = device != "cpu" and torch.cuda.is_available()
     if use_cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # "cuda" then means this rank's GPU
     dist.init_process_group("nccl" if use_cuda else "gloo")
-    return World(dist.get_rank(), dist.get_world_size())
+    return World(dist.get_rank(), dist.get_world_size()), True
+
+
+def close() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def current() -> World:
