@@ -47,6 +47,9 @@ def run_training(data: DataSpec, run_cfg: RunConfig, out: Path | None, resume: b
 
 def _run_training(data: DataSpec, run_cfg: RunConfig, out: Path | None, resume: bool,
                   world: distributed.World) -> Path:
+    if run_cfg.train.batch_size % world.size:
+        raise ConfigError(f"batch size {run_cfg.train.batch_size} is not divisible by the {world.size} "
+                          "processes: each rank reads an equal slice of every batch")
     run_dir = Path(out) if out is not None else default_run_dir(run_cfg.arch.arch)
     run_dir = Path(distributed.broadcast_object(str(run_dir)))
     if resume and not checkpoint.is_checkpoint(run_dir):

@@ -1,5 +1,6 @@
 """Run by tests/trainer/test_distributed.py under torchrun (2 gloo ranks): the `train` command of the CLI
-once per architecture, then a tree run killed at step 6 (on every rank) and resumed with `train --resume`.
+with a batch the ranks cannot split (refused), once per architecture, then a tree run killed at step 6 (on
+every rank) and resumed with `train --resume`.
 
     python -m torch.distributed.run --standalone --nproc-per-node 2 -m tests.trainer.ddp_worker DIR
 """
@@ -14,7 +15,7 @@ import typer
 
 from trainer.activations import load_activation_file
 from trainer.cli import app
-from trainer.config import RunConfig
+from trainer.config import ConfigError, RunConfig
 from trainer.data import TensorSource
 from trainer.models import build_model
 from trainer.train import train
@@ -42,6 +43,11 @@ def main(folder: Path) -> None:
     def train_cmd(*args: str) -> None:
         cli.main(["train", "--activations", acts, "--device", "cpu", *args], standalone_mode=False)
 
+    try:  # a batch the ranks cannot split: refused on every rank, nothing written
+        train_cmd("--config", str(folder / "topk.json"), "--out", str(folder / "odd"), "--batch", "127")
+        raise AssertionError("an odd batch was accepted")
+    except ConfigError as err:
+        print(f"rank {dist.get_rank()}: {err}", file=sys.stderr)
     for arch in ARCHES:
         train_cmd("--config", str(folder / f"{arch}.json"), "--out", str(folder / f"ddp-{arch}"))
     run_cfg = RunConfig.load(folder / "tree.json")

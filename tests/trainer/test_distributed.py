@@ -85,6 +85,13 @@ def test_a_killed_two_rank_run_resumes_exactly(ddp_runs):
     assert logged == list(range(2, STEPS + 1, 2))
 
 
+def test_a_batch_the_ranks_cannot_split_is_refused_on_every_rank(ddp_runs):
+    folder, done = ddp_runs
+    for rank in (0, 1):
+        assert f"rank {rank}: batch size 127 is not divisible by the 2 processes" in done.stderr
+    assert not (folder / "odd").exists()
+
+
 def test_rank_zero_alone_prints_and_shows_progress(ddp_runs):
     folder, done = ddp_runs
     printed = done.stdout.split()
