@@ -4,8 +4,10 @@ in one process, on the device named in the output.
 step only: the project's `train_step` (forward, backward, decoder hooks, clip, Adam) and the dead-latent
 update on batches already on the device, nothing else. loop: `trainer.train.train`, what `hsae train` runs,
 on the same model config over a memory-mapped .npy file (the real data path: memmap rows, inlier filter,
-transfer, logging, re-assignments where the architecture has them, and checkpoints every
-`--checkpoint-every` steps), timed over its logged intervals after the first (set-up and warm-up left out;
+transfer, logging and checkpoints every
+`--checkpoint-every` steps; the models' scheduled data re-initialisations only with `--reinits`: at a
+few dozen steps they, not the loop, would decide the rate, while a real run does them 2-3 times in
+thousands of steps), timed over its logged intervals after the first (set-up and warm-up left out;
 the checkpoints inside are in). The step-only rate is measured before and after the loop and averaged,
 so that load from other processes on a shared machine hits both alike.
 
@@ -86,10 +88,16 @@ def main() -> None:
     parser.add_argument("--log-every", type=int, default=5)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (see bench_train.py)")
+    parser.add_argument("--reinits", action="store_true",
+                        help="keep the MoE expert inits / tree child inits and re-assignments in the loop")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    arch_cfg = ArchConfig(**ARCHES[args.arch])
+    fields = dict(ARCHES[args.arch])
+    if not args.reinits:
+        fields.update({"moe": {"expert_init_at": []}, "topk": {},
+                       "tree": {"child_init_at": [], "reassign_every": 10**9}}[args.arch])
+    arch_cfg = ArchConfig(**fields)
     cfg = TrainConfig(batch_size=args.batch, lr=1e-3, steps=args.steps, warmup_steps=max(1, args.steps // 10),
                       checkpoint_every=args.checkpoint_every, log_every=args.log_every, progress=False,
                       device=args.device)
@@ -110,7 +118,7 @@ def main() -> None:
     seconds = sum(args.log_every * args.batch / logs["tokens_per_s"] for logs in intervals)
     loop_rate = len(intervals) * args.log_every * args.batch / seconds
     step_rate = args.batch / ((before + after) / 2)
-    print(f"device: {device_name(device)}; arch {args.arch} {ARCHES[args.arch]}, d={D_MODEL}, "
+    print(f"device: {device_name(device)}; {fields}, d={D_MODEL}, "
           f"batch {args.batch}, {args.steps} steps, checkpoint every {args.checkpoint_every}, "
           f"dtype {cfg.resolved_dtype()}")
     print(f"step only: {args.batch / before:,.0f} tokens/s before the loop, {args.batch / after:,.0f} after")
