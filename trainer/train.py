@@ -4,11 +4,11 @@ Adam, linear warm-up then cosine decay, global-norm clipping, dead-latent tracki
 a progress bar with tokens/s, loss, explained variance and L0, and atomic checkpoints that carry the full
 training state, so that `resume=True` continues a killed run exactly as if it had never stopped.
 
-The loop keeps the device busy: batches are read on a background thread (`Prefetcher`; pinned for CUDA, or
-indices into the whole activation matrix when it fits on the GPU), checkpoints are snapshotted to host memory
-and written by a writer thread (`BackgroundWriter`, atomic as before), and the loop's own host syncs are one
-per step (the NaN check) plus one per logged step. Under torchrun the same function trains one model over
-several processes (`trainer.distributed`).
+The loop keeps the device busy: batches are read on a background thread (`Prefetcher`; pinned for CUDA,
+or indices into the whole activation matrix when it fits on the GPU), on CUDA checkpoints are snapshotted
+to host memory and written by a writer thread (`BackgroundWriter`, atomic as before), and the loop's own
+host syncs are one per step (the NaN check) plus one per logged step. Under torchrun the same function
+trains one model over several processes (`trainer.distributed`).
 """
 
 from __future__ import annotations
