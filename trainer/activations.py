@@ -336,7 +336,8 @@ class ShardSource:
                 out[lo:hi] = self.acts[s][idx[lo:hi] - self.offsets[s]]
         return out
 
-    def batches(self, batch_size: int, *, seed: int, start_step: int = 0) -> Iterator[torch.Tensor]:
+    def batch_indices(self, batch_size: int, *, seed: int, start_step: int = 0) -> Iterator[np.ndarray]:
+        """The sorted global row indices of each batch `batches` yields."""
         if batch_size > self.num_rows:
             raise HSAEError(f"batch size {batch_size} exceeds the {self.num_rows} rows of activations")
         per_epoch = self.num_rows // batch_size  # the ragged tail of each epoch is dropped
@@ -344,8 +345,12 @@ class ShardSource:
         while True:
             order = self.epoch_order(seed, epoch)
             for b in range(skip, per_epoch):
-                yield torch.from_numpy(self.gather(np.sort(order[b * batch_size : (b + 1) * batch_size])))
+                yield np.sort(order[b * batch_size : (b + 1) * batch_size])
             epoch, skip = epoch + 1, 0
+
+    def batches(self, batch_size: int, *, seed: int, start_step: int = 0) -> Iterator[torch.Tensor]:
+        for idx in self.batch_indices(batch_size, seed=seed, start_step=start_step):
+            yield torch.from_numpy(self.gather(idx))
 
 
 # ---------------------------------------------------------------------------------------------------------

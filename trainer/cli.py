@@ -106,7 +106,10 @@ def train_cmd(
         tokens=tokens if tokens is not None or activations else DEFAULT_TOKENS, device=device,
     )
     run_dir = run_training(data, run_cfg, out, resume=resume)
-    print(run_dir)
+    from trainer.distributed import env_world
+
+    if env_world().is_main:  # under torchrun, rank 0 speaks for the run
+        print(run_dir)
 
 
 @app.command("eval")

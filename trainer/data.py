@@ -44,7 +44,8 @@ class TensorSource:
     def read(self, start: int, stop: int) -> np.ndarray:
         return np.asarray(self.rows_ND[start:stop], dtype=np.float32)
 
-    def batches(self, batch_size: int, *, seed: int, start_step: int = 0) -> Iterator[torch.Tensor]:
+    def batch_indices(self, batch_size: int, *, seed: int, start_step: int = 0) -> Iterator[np.ndarray]:
+        """The sorted row indices of each batch `batches` yields."""
         if batch_size > self.num_rows:
             raise ValueError(f"batch size {batch_size} exceeds the {self.num_rows} rows of activations")
         per_epoch = self.num_rows // batch_size  # the ragged tail of each permutation is dropped
@@ -53,6 +54,31 @@ class TensorSource:
             order = epoch_permutation(self.num_rows, seed, epoch)
             for b in range(offset, per_epoch):
                 # Sorted reads are memmap-friendly.
-                idx = np.sort(order[b * batch_size : (b + 1) * batch_size])
-                yield torch.from_numpy(np.asarray(self.rows_ND[idx], dtype=np.float32))
+                yield np.sort(order[b * batch_size : (b + 1) * batch_size])
             epoch, offset = epoch + 1, 0
+
+    def gather(self, idx: np.ndarray) -> np.ndarray:
+        """Rows at sorted indices idx, as float32."""
+        return np.asarray(self.rows_ND[idx], dtype=np.float32)
+
+    def batches(self, batch_size: int, *, seed: int, start_step: int = 0) -> Iterator[torch.Tensor]:
+        for idx in self.batch_indices(batch_size, seed=seed, start_step=start_step):
+            yield torch.from_numpy(self.gather(idx))
+
+
+def batch_stream(
+    source: ActivationSource, batch_size: int, *, seed: int, start_step: int = 0,
+    shard: tuple[int, int] = (0, 1),
+) -> Iterator[torch.Tensor]:
+    """`source.batches(...)`, or with `shard=(rank, world_size)` rank's contiguous slice of each global batch
+    (batch_size / world_size rows; the slices of all ranks, in rank order, are the one-process batch). Only
+    that slice is read."""
+    rank, world = shard
+    if world == 1:
+        yield from source.batches(batch_size, seed=seed, start_step=start_step)
+        return
+    if not hasattr(source, "batch_indices"):
+        raise TypeError(f"{type(source).__name__} cannot be read in slices for data-parallel training")
+    per_rank = batch_size // world
+    for idx in source.batch_indices(batch_size, seed=seed, start_step=start_step):
+        yield torch.from_numpy(source.gather(idx[rank * per_rank : (rank + 1) * per_rank]))

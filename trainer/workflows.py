@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from trainer import checkpoint
+from trainer import checkpoint, distributed
 from trainer.activations import PAD
 from trainer.config import ArchConfig, ConfigError, RunConfig, read_config_file
 from trainer.errors import HSAEError
@@ -36,7 +36,23 @@ def default_run_dir(arch: str) -> Path:
 
 
 def run_training(data: DataSpec, run_cfg: RunConfig, out: Path | None, resume: bool = False) -> Path:
+    """Trains one run; under torchrun every rank runs this and they train one model together
+    (`trainer.distributed`): rank 0 names the run directory, extracts the activations first and writes."""
+    world, joined = distributed.init_from_env(run_cfg.train.device)
+    try:
+        return _run_training(data, run_cfg, out, resume, world)
+    finally:
+        if joined:
+            distributed.close()
+
+
+def _run_training(data: DataSpec, run_cfg: RunConfig, out: Path | None, resume: bool,
+                  world: distributed.World) -> Path:
+    if run_cfg.train.batch_size % world.size:
+        raise ConfigError(f"batch size {run_cfg.train.batch_size} is not divisible by the {world.size} "
+                          "processes: each rank reads an equal slice of every batch")
     run_dir = Path(out) if out is not None else default_run_dir(run_cfg.arch.arch)
+    run_dir = Path(distributed.broadcast_object(str(run_dir)))
     if resume and not checkpoint.is_checkpoint(run_dir):
         raise HSAEError(f"nothing to resume: {run_dir} holds no checkpoint")
     if resume:
@@ -49,7 +65,11 @@ def run_training(data: DataSpec, run_cfg: RunConfig, out: Path | None, resume: b
         # a corpus yields at most --tokens rows: say so before loading the model (train() checks the rows)
         raise ConfigError(f"batch size {batch} exceeds the {data.tokens} tokens of activations asked for: "
                           "lower --batch or raise --tokens")
+    if not world.is_main:
+        distributed.barrier()  # rank 0 fills the activation cache first; the others then read it
     opened = open_data(data)
+    if world.is_main:
+        distributed.barrier()
     run_cfg.arch.validate_for(opened.source.d_in)
     model = build_model(run_cfg.arch, opened.source.d_in, seed=run_cfg.train.seed)
     train(model, opened.source, run_cfg.train, run_dir, model_info=opened.model_info,

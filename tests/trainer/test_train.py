@@ -110,6 +110,30 @@ def test_a_killed_run_resumes_exactly(arch, rows, source, tmp_path):
     assert _logged_steps(tmp_path / "killed") == [4, 8, 12]
 
 
+@pytest.mark.parametrize("arch", ["moe", "tree"])
+def test_a_killed_run_resumes_exactly_with_checkpoints_written_in_the_background(
+    arch, rows, source, tmp_path, monkeypatch
+):
+    """The writer thread (on by default on CUDA only) writes from snapshots: what it saves is what a run
+    writing in the loop saves, and a run killed while it writes resumes bit for bit."""
+    whole = _fresh(arch)
+    _train(whole, source, tmp_path / "whole")
+    monkeypatch.setattr("trainer.train.BACKGROUND_WRITES", True)
+    background = _fresh(arch)
+    _train(background, source, tmp_path / "background")
+    saved = [load_checkpoint(tmp_path / run)[0].state_dict() for run in ("whole", "background")]
+    for (name, a), b in zip(saved[0].items(), saved[1].values()):
+        assert torch.equal(a, b), name
+    with pytest.raises(KeyboardInterrupt):
+        _train(_fresh(arch), DyingSource(rows, die_at=8), tmp_path / "killed")
+    assert load_checkpoint(tmp_path / "killed")[1]["training"]["step"] == 5
+    resumed = _fresh(arch)
+    _train(resumed, source, tmp_path / "killed", resume=True)
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert _logged_steps(tmp_path / "killed") == [4, 8, 12]
+
+
 def test_resume_refuses_a_different_run_and_can_extend_one(source, tmp_path):
     run = tmp_path / "run"
     _train(_fresh("topk"), source, run, steps=5)

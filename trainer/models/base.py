@@ -109,6 +109,9 @@ class HSAE(nn.Module):
         self.register_buffer("input_scale", torch.ones(()))
         # subtracted before scaling when the architecture centres its inputs (`centers_inputs`), else zeros
         self.register_buffer("input_mean_D", torch.zeros(d_in))
+        # set by the training loop under data parallelism: (first row of this rank's slice, rows in the whole
+        # batch), so that random draws per row are the ones one process would make (`batch_rand`)
+        self.data_parallel_rows: tuple[int, int] | None = None
 
     # ---- sizes and structure -------------------------------------------------------------------------
     @property
@@ -190,6 +193,15 @@ class HSAE(nn.Module):
 
     def start_training(self, total_steps: int) -> None:
         """Called by the loop before its first step (also when resuming) with the run's length."""
+
+    def batch_rand(self, shape: tuple[int, ...], device: torch.device) -> Tensor:
+        """torch.rand(shape) for a [B, ...] batch; under data parallelism drawn for the whole global batch
+        and sliced to this rank's rows, so every rank's generator advances alike and the draws are one
+        process's."""
+        if self.data_parallel_rows is None:
+            return torch.rand(shape, device=device)
+        first, rows = self.data_parallel_rows
+        return torch.rand((rows, *shape[1:]), device=device)[first : first + shape[0]]
 
     # ---- the small surface every architecture implements ---------------------------------------------
     def encode(self, x_raw_BD: Tensor) -> list[LevelCode]:

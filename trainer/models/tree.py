@@ -219,7 +219,7 @@ class TreeHSAE(HSAE):
         if not self.training or level == len(self.saes) - 1 or self.cfg.perturb_rate == 0:
             return sae.decode(code.indices, code.values)
         on_BK = (code.indices >= 0) & self._has_children(level)[code.indices.clamp(min=0)]
-        draw_BK = torch.rand(code.values.shape, device=code.values.device)
+        draw_BK = self.batch_rand(tuple(code.values.shape), code.values.device)
         swapped_BK = on_BK & (draw_BK < self.cfg.perturb_rate)
         kept_BD = sae.decode(code.indices, torch.where(swapped_BK, 0, code.values))
         child = codes[level + 1]
