@@ -27,7 +27,7 @@ from trainer import checkpoint
 from trainer.config import RunConfig
 from trainer.settings import get_settings
 from trainer.sources import DataSpec
-from trainer.workflows import run_eval, run_training
+from trainer.workflows import _eval_data, run_eval, run_training
 
 
 def _train(name: str, arch: dict, args: argparse.Namespace) -> Path:
@@ -44,6 +44,19 @@ def _train(name: str, arch: dict, args: argparse.Namespace) -> Path:
     run_training(DataSpec(corpus="demo", tokens=args.tokens), run_cfg, run_dir, resume=False)
     print(f"   trained {name} in {time.perf_counter() - t:.0f} s", flush=True)
     return run_dir
+
+
+def _densest_root(run_dir: Path, tokens: int) -> float:
+    """The largest share of the held-out tokens on which one top-level latent fires."""
+    ckpt = checkpoint.open(run_dir, device=torch.device("cpu"))
+    opened, skip = _eval_data(ckpt, None, None, tokens, "cpu")
+    n = min(tokens, opened.source.num_rows - skip)
+    x = torch.from_numpy(opened.source.read(skip, skip + n)).float()
+    x = x[x.norm(dim=-1) <= ckpt.max_norm]  # massive activations are left out, as eval does
+    with torch.no_grad():
+        top = ckpt.model.encode(x)[0].indices
+    counts = torch.bincount(top[top >= 0], minlength=ckpt.model.level_widths[0])
+    return float(counts.max()) / len(x)
 
 
 def _run_dir(name: str) -> Path:
@@ -87,18 +100,19 @@ def main() -> None:
         print(f"== {name}: {json.dumps(arch)}", flush=True)
         run_dir = _train(name, arch, args)
         metrics, _ = run_eval(run_dir, None, None, args.eval_tokens, "cpu", None)
+        metrics["densest_root"] = _densest_root(run_dir, args.eval_tokens)
         results[name] = (metrics, _curve(run_dir, args.batch))
 
     print(f"\nheld-out {args.eval_tokens:,} tokens (`hsae eval`):")
-    print(f"{'model':<8} {'EV':>6} {'CE score':>9} {'L0 (per level)':>16} {'dead (per level)':>18}  "
-          "EV vs topk")
+    print(f"{'model':<8} {'EV':>6} {'CE score':>9} {'L0 (per level)':>16} {'dead (per level)':>18} "
+          f"{'densest root':>13}  EV vs topk")
     base_ev = results["topk"][0]["explained_variance"] if "topk" in results else float("nan")
     for name, (m, _) in results.items():
         l0 = " / ".join(f"{lv['l0']:.1f}" for lv in m["levels"])
         dead = " / ".join(f"{lv['dead_fraction']:.1%}" for lv in m["levels"])
         ce = m.get("ce", {}).get("ce_loss_score", float("nan"))
-        print(f"{name:<8} {m['explained_variance']:6.3f} {ce:9.3f} {l0:>16} {dead:>18}  "
-              f"{m['explained_variance'] / base_ev:.3f}x")
+        print(f"{name:<8} {m['explained_variance']:6.3f} {ce:9.3f} {l0:>16} {dead:>18} "
+              f"{m['densest_root']:13.1%}  {m['explained_variance'] / base_ev:.3f}x")
     print("\ntraining-batch explained variance against tokens seen:")
     names = list(results)
     print(f"{'tokens':>10} " + " ".join(f"{n:>8}" for n in names))

@@ -135,10 +135,11 @@ class ArchConfig:
     of what their parent leaves unexplained, children by spherical k-means in that subspace): all experts the
     first time, later only experts with a starved child. Empty = never (the paper: random init only)."""
 
-    merge_cos: float = 1.0
-    """`moe`: at each expert re-initialisation, top-level latents whose decoder rows are closer than this
-    cosine and that (almost) never fire on the same token are merged into one parent, its expert telling them
-    apart; the freed latent is re-seeded. 1 = never."""
+    merge_cos: float = 0.5
+    """`moe`/`tree`: at each data re-initialisation (`expert_init_at` / `child_init_at`), top-level latents
+    whose decoder rows are closer than this cosine and that (almost) never fire on the same token are merged
+    into one parent whose children tell them apart; the freed latent is re-seeded on a badly reconstructed
+    token. 1 = never (the papers)."""
 
     child_init_at: list[float] = field(default_factory=lambda: [0.3, 0.6])
     """`tree`: fractions of the run at which children are initialised from data (every level below the top,
@@ -254,6 +255,7 @@ class ArchConfig:
                 all(0 < f < 1 for f in fractions),
                 f"{name} must hold fractions of the run in (0, 1), got {fractions}",
             )
+        _check(-1 <= self.merge_cos <= 1, f"merge_cos must be a cosine in [-1, 1], got {self.merge_cos}")
         _check(self.reassign_tokens >= 1, f"reassign_tokens must be >= 1, got {self.reassign_tokens}")
         _check(self.aux_k is None or self.aux_k >= 1, f"aux_k must be >= 1, got {self.aux_k}")
         _check(self.aux_coef >= 0, f"aux_coef must be >= 0, got {self.aux_coef}")
@@ -403,9 +405,12 @@ PRESETS: dict[str, dict[str, dict[str, dict[str, Any]]]] = {
         "topk": {"arch": {}, "train": {}},
     },
     "paper": {
-        "moe": {"arch": {"center": False, "child_l1": "all", "expert_init_at": []}, "train": {"lr": 5e-4}},
+        "moe": {
+            "arch": {"center": False, "child_l1": "all", "expert_init_at": [], "merge_cos": 1.0},
+            "train": {"lr": 5e-4},
+        },
         "tree": {
-            "arch": {"assign_by": "encoder", "reassign_every": 5000, "child_init_at": []},
+            "arch": {"assign_by": "encoder", "reassign_every": 5000, "child_init_at": [], "merge_cos": 1.0},
             "train": {"lr": 5e-4},
         },
         "topk": {"arch": {}, "train": {}},

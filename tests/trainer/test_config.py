@@ -106,3 +106,10 @@ def test_tree_presets_differ_by_child_init_and_assignment():
     paper = RunConfig.compose({"arch": "tree", "levels": [8, 16]}, {}, "paper")
     assert project.arch.child_init_at == [0.3, 0.6] and project.arch.assign_by == "coactivation"
     assert paper.arch.child_init_at == [] and paper.arch.assign_by == "encoder" and paper.train.lr == 5e-4
+    assert project.arch.merge_cos == 0.5 and paper.arch.merge_cos == 1.0  # the papers merge nothing
+
+
+def test_merge_cos_is_a_cosine():
+    assert RunConfig.compose({"arch": "moe"}, {}, "paper").arch.merge_cos == 1.0
+    with pytest.raises(ConfigError, match="merge_cos must be a cosine"):
+        ArchConfig(arch="moe", merge_cos=1.5)

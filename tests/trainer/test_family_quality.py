@@ -8,23 +8,26 @@ process per core. The floors below sit under the worst of the 3 seeds measured f
 bench/bench_family.py for the ablation and the paper preset):
 
   moe          parents          children         edge precision    (seeds 0 / 1 / 2, this 2-core CPU)
-  centred      0.75 1.00 0.94   0.91 0.94 0.86   0.78 0.90 0.93
-  leaning      1.00 1.00 0.96   0.98 0.90 0.89   1.00 0.98 1.00
-  uneven       0.96 0.88 0.96   0.86 0.76 0.87   0.96 1.00 0.95
-  raw-scale    1.00 1.00 0.97   0.99 1.00 0.97   1.00 1.00 0.99
-  orthogonal   0.95 0.90 1.00   0.79 0.83 0.83   0.89 0.91 0.94
+  centred      1.00 1.00 1.00   0.97 0.97 0.98   0.92 0.98 0.94
+  leaning      1.00 1.00 1.00   0.97 0.97 0.97   1.00 1.00 0.99
+  uneven       0.96 0.96 0.96   0.88 0.80 0.84   0.96 1.00 0.92
+  raw-scale    1.00 1.00 1.00   1.00 1.00 1.00   1.00 1.00 1.00
+  orthogonal   1.00 1.00 1.00   0.91 0.90 0.96   0.93 0.92 0.94
   tree
-  centred      0.94 1.00 1.00   1.00 1.00 1.00   0.91 0.92 0.91
+  centred      1.00 1.00 1.00   1.00 1.00 1.00   0.98 0.97 0.95
   leaning      1.00 1.00 1.00   1.00 1.00 1.00   1.00 1.00 1.00
-  uneven       0.96 0.83 0.88   1.00 0.91 0.92   0.97 0.88 0.87
-  raw-scale    0.97 1.00 1.00   0.99 1.00 1.00   0.97 1.00 1.00
-  orthogonal   1.00 0.95 0.95   0.88 0.91 0.93   0.86 0.84 0.80
-The issue's goal (≥ 0.9 children, ≥ 0.95 parents, edge precision ≥ 0.9 on every generator) is met by the tree
-on `leaning` and `raw-scale`, by neither everywhere. What is left is the top level: spare parents split a
-true parent between them (the MoE on `centred`; the tree on `uneven` and `orthogonal`, whose wrong edges all
-hang a correct child under a fragment of its true parent that fires on less than half of the parent's
-rows); and the MoE splits a true child between two slots of its expert where a parent has fewer children than
-slots (`uneven`, `orthogonal`: 2-8 and 2-6 children in 8 and 6 slots). Those floors say what holds today.
+  uneven       0.96 0.88 0.83   1.00 0.88 0.93   0.97 0.90 0.85
+  raw-scale    0.97 1.00 1.00   0.99 0.98 1.00   0.97 1.00 1.00
+  orthogonal   1.00 1.00 1.00   0.88 0.93 0.93   0.89 0.86 0.87
+Merging the top level's fragments of one parent (`merge_cos`) took the MoE's parents on `centred` from
+0.75 / 1.00 / 0.94 to 1.00 and the tree's edge precision there from 0.91-0.92 to 0.95-0.98.
+The issue's goal (>= 0.9 children, >= 0.95 parents, edge precision >= 0.9 on every generator) is met by
+the MoE on all but `uneven`
+(children 0.80-0.88: up to 8 true children in an expert's 4-dimensional subspace), and by the tree on
+`centred`, `leaning` and `raw-scale`; the tree's `uneven` parents (a TopK top level with k = 3 fires 3 latents
+on rows with 1-3 events, so fragments fire together and are not merged) and `orthogonal` edges are what is
+left. The floors sit under the worst seed, a little lower where the measurement above came from an earlier
+run of the same method.
 """
 
 from __future__ import annotations
@@ -40,16 +43,16 @@ pytestmark = pytest.mark.slow
 SEEDS = (0, 1, 2)
 # (arch, generator) -> (parents, children, edge precision) that every seed must reach
 FLOORS = {
-    ("moe", "centred"): (0.7, 0.8, 0.75),
-    ("moe", "leaning"): (0.95, 0.85, 0.95),
-    ("moe", "uneven"): (0.85, 0.7, 0.9),
+    ("moe", "centred"): (0.9, 0.9, 0.85),
+    ("moe", "leaning"): (0.95, 0.9, 0.95),
+    ("moe", "uneven"): (0.9, 0.75, 0.85),
     ("moe", "raw-scale"): (0.95, 0.95, 0.95),
-    ("moe", "orthogonal"): (0.85, 0.75, 0.85),
-    ("tree", "centred"): (0.9, 0.95, 0.85),
+    ("moe", "orthogonal"): (0.95, 0.85, 0.85),
+    ("tree", "centred"): (0.95, 0.95, 0.9),
     ("tree", "leaning"): (0.95, 0.95, 0.95),
     ("tree", "uneven"): (0.8, 0.85, 0.8),
     ("tree", "raw-scale"): (0.95, 0.95, 0.95),
-    ("tree", "orthogonal"): (0.9, 0.85, 0.75),
+    ("tree", "orthogonal"): (0.95, 0.85, 0.8),
 }
 PAPER_VS_PROJECT = "leaning"
 

@@ -385,48 +385,84 @@ def test_moe_expert_subspaces_avoid_the_residual_every_token_shares():
 
 
 
+def split_parent_data():
+    """Rows of two parents each, from 3; parent 0's four children live in its own 4 dimensions. Returns
+    (x, p, q, top-level decoders, encoders) where latents 0 and 3 are the fragments of parent 0 (children 0-1
+    and 2-3) and latents 1 and 2 the other parents, as close to each other as the fragments are."""
+    d, C = 32, 4
+    g = torch.Generator().manual_seed(2)
+    basis = torch.linalg.qr(torch.randn(d, d, generator=g)).Q.T
+    parents, own = basis[:3].clone(), basis[3:7]
+    parents[2] = 0.6 * basis[1] + 0.8 * basis[7]
+    p = torch.randint(0, 3, (4000,), generator=g)
+    q = (p + torch.randint(1, 3, (4000,), generator=g)) % 3  # a second, different parent on every row
+    c = torch.randint(0, C, (4000,), generator=g)
+    x = parents[p] + parents[q] + 0.8 * torch.where(((p == 0) | (q == 0)).unsqueeze(-1), own[c], 0)
+    x += 0.01 * torch.randn(4000, d, generator=g)
+    first, second = own[:2].sum(0) - own[2:].sum(0), own[2:].sum(0) - own[:2].sum(0)
+    decoders = torch.stack([parents[0] + 0.2 * first, parents[1], parents[2], parents[0] + 0.2 * second])
+    decoders = unit_rows(decoders)
+    discriminating = torch.stack([first, 0 * first, 0 * first, second])
+    encoders = (parents[[0, 1, 2, 0]] + 1.5 * discriminating).T
+    return x, p, q, decoders, encoders
+
+
+def check_fragments_merged(fires, merge, p, q, W_dec_FD):
+    """Before: latents 0 and 3 never fire together and between them fire where parent 0 is; after `merge`,
+    one of them fires there alone, the other is re-seeded elsewhere, and latents 1, 2 are as they were."""
+    before = fires()
+    fragments = [(before == f).any(-1) for f in (0, 3)]
+    assert (fragments[0] & fragments[1]).sum() == 0  # the premise
+    union = (p == 0) | (q == 0)
+    assert ((fragments[0] | fragments[1]) == union).float().mean() > 0.99
+    dec_before = W_dec_FD.detach().clone()
+    assert float(dec_before[1] @ dec_before[2]) > 0.5  # similar, but they fire together at their base rate
+
+    merged = merge()
+
+    assert len(merged) == 1 and merged[0] in (0, 3)
+    assert ((fires() == merged[0]).any(-1) == union).float().mean() > 0.99
+    assert torch.equal(W_dec_FD.detach()[1:3], dec_before[1:3])
+    freed = 3 - merged[0]
+    assert float(unit_rows(W_dec_FD.detach()[freed]) @ unit_rows(dec_before[0])) < 0.5  # re-seeded elsewhere
+    return merged[0], freed
+
+
 def test_moe_merges_the_fragments_of_a_split_parent_and_nothing_else():
     """A parent split across two top latents, each taking some of its children (what training did with spare
     latents on the synthetic family), is merged into one parent whose expert tells the children apart; the
     freed latent is re-seeded. Distinct parents, which fire together at their base rate, stay as they are."""
     from trainer.models.moe import merge_fragments
 
-    d, C = 32, 4
-    g = torch.Generator().manual_seed(2)
-    basis = torch.linalg.qr(torch.randn(d, d, generator=g)).Q.T
-    parents, own = basis[:3].clone(), basis[3:7]  # parent 0 has four children in its own 4 dimensions
-    parents[2] = 0.6 * basis[1] + 0.8 * basis[7]  # as close to parent 1 as the fragments are to each other
-    p = torch.randint(0, 3, (4000,), generator=g)
-    q = (p + torch.randint(1, 3, (4000,), generator=g)) % 3  # a second, different parent on every row
-    c = torch.randint(0, C, (4000,), generator=g)
-    x = parents[p] + parents[q] + 0.8 * torch.where(((p == 0) | (q == 0)).unsqueeze(-1), own[c], 0)
-    x += 0.01 * torch.randn(4000, d, generator=g)
-    # latents 0 and 3: the fragments of parent 0 (children 0-1 and 2-3); 1, 2: the other parents
-    first, second = own[:2].sum(0) - own[2:].sum(0), own[2:].sum(0) - own[:2].sum(0)
-    decoders = torch.stack([parents[0] + 0.2 * first, parents[1], parents[2], parents[0] + 0.2 * second])
-    model = build_model(ArchConfig(arch="moe", width=4, k=2, children=C, subspace=4, center=False), d, seed=0)
+    x, p, q, decoders, encoders = split_parent_data()
+    cfg = ArchConfig(arch="moe", width=4, k=2, children=4, subspace=4, center=False)
+    model = build_model(cfg, 32, seed=0)
     with torch.no_grad():
-        model.W_dec_FD.copy_(unit_rows(decoders))
-        discriminating = torch.stack([first, 0 * first, 0 * first, second])
-        model.W_enc_DF.copy_((parents[[0, 1, 2, 0]] + 1.5 * discriminating).T)
+        model.W_dec_FD.copy_(decoders)
+        model.W_enc_DF.copy_(encoders)
     x_n = model.normalize(x)[0]
-    fires = lambda: model.encode(x)[0].indices  # noqa: E731
-    before = fires()
-    fragments = [(before == f).any(-1) for f in (0, 3)]
-    assert (fragments[0] & fragments[1]).sum() == 0  # the premise: the fragments never fire together
-    assert ((fragments[0] | fragments[1]) == (p == 0) | (q == 0)).float().mean() > 0.99
-    dec_before = model.W_dec_FD.detach().clone()
+    check_fragments_merged(
+        lambda: model.encode(x)[0].indices, lambda: merge_fragments(model, x_n, min_cos=0.5), p, q,
+        model.W_dec_FD,
+    )
 
-    merged = merge_fragments(model, x_n, min_cos=0.5)
 
-    assert len(merged) == 1 and merged[0] in (0, 3)
-    after = fires()
-    union = (p == 0) | (q == 0)
-    assert ((after == merged[0]).any(-1) == union).float().mean() > 0.99
-    assert float(dec_before[1] @ dec_before[2]) > 0.5  # similar, but they fire together at their base rate
-    assert torch.equal(model.W_dec_FD.detach()[1:3], dec_before[1:3])  # so they stay as they are
-    freed = 3 - merged[0]
-    assert float(unit_rows(model.W_dec_FD.detach()[freed]) @ parents[0]) < 0.5  # re-seeded elsewhere
+def test_tree_merges_the_top_levels_fragments_and_moves_their_children():
+    from trainer.models.tree import merge_top_fragments
+
+    x, p, q, decoders, encoders = split_parent_data()
+    model = build_model(ArchConfig(arch="tree", levels=[4, 8], k=2), 32, seed=0)
+    top = model.saes[0]
+    with torch.no_grad():
+        top.W_dec_FD.copy_(decoders)
+        top.W_enc_DF.copy_(encoders * 32**0.5 / x.norm(dim=-1).mean())  # the tree's inputs have norm sqrt(d)
+        model.parent_of(1).copy_(torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]))
+    x_n = model.normalize(x)[0]
+    keep, freed = check_fragments_merged(
+        lambda: model.encode(x)[0].indices, lambda: merge_top_fragments(model, x_n, min_cos=0.5), p, q,
+        top.W_dec_FD,
+    )
+    assert (model.parent_of(1) == keep).sum() == 4 and (model.parent_of(1) == freed).sum() == 0
 
 
 def test_tree_child_data_init_gives_every_true_child_its_own_latent():

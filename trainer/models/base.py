@@ -309,3 +309,57 @@ def spherical_kmeans(u_NS: Tensor, n: int, generator: torch.Generator) -> Tensor
         if score > best_score:
             best, best_score = centroids_CS, score
     return best
+
+
+# fragments of one parent fire together on at most this share of the rarer one's rows
+MAX_FRAGMENT_COFIRING = 0.05
+
+
+@torch.no_grad()
+def fragment_pairs(
+    indices_NK: Tensor, W_dec_FD: Tensor, min_cos: float
+) -> list[tuple[int, int, float, float]]:
+    """Top-level latents that look like fragments of one parent: decoder rows closer than `min_cos` that
+    (almost) never fire on the same row. Greedy by cosine, each latent in at most one pair. Returns
+    (keep, free, rows of keep, rows of free) with `keep` the one firing more often.
+
+    Why: with more top latents than the data has parents, training splits a parent into latents that each
+    take some of its children (the flat SAE's feature splitting, one level up); a hierarchy wants one parent
+    whose children tell the fragments apart. Measured on the synthetic family, fragments fire on disjoint rows
+    with decoder cosines of 0.5-0.9, while distinct parents fire together at their base rates."""
+    width = W_dec_FD.shape[0]
+    fire_NF = W_dec_FD.new_zeros(indices_NK.shape[0], width + 1)
+    fire_NF.scatter_(1, torch.where(indices_NK >= 0, indices_NK, width), 1.0)
+    fire_NF = fire_NF[:, :width]
+    n_F = fire_NF.sum(0)
+    both_FF = fire_NF.T @ fire_NF
+    dec_FD = unit_rows(W_dec_FD)
+    cos_FF = dec_FD @ dec_FD.T
+    rarer_FF = torch.minimum(n_F[:, None], n_F[None, :])
+    ok_FF = (cos_FF > min_cos) & (both_FF <= MAX_FRAGMENT_COFIRING * rarer_FF) & (rarer_FF >= 1)
+    pairs = torch.nonzero(torch.triu(ok_FF, diagonal=1))
+    pairs = pairs[torch.argsort(cos_FF[pairs[:, 0], pairs[:, 1]], descending=True)].tolist()
+    taken: set[int] = set()
+    out = []
+    for i, j in pairs:
+        if i in taken or j in taken:
+            continue
+        taken.update((i, j))
+        keep, free = (i, j) if n_F[i] >= n_F[j] else (j, i)
+        out.append((keep, free, float(n_F[keep]), float(n_F[free])))
+    return out
+
+
+@torch.no_grad()
+def merge_pair(W_enc_DF: Tensor, W_dec_FD: Tensor, keep: int, free: int, n_keep: float, n_free: float,
+               seed_D: Tensor) -> None:
+    """`keep` becomes the frequency-weighted mean direction of the pair (decoder, and encoder at the pair's
+    mean encoder norm); `free` is re-seeded along `seed_D` (a badly reconstructed row's residual) at the
+    level's mean encoder norm, as dead latents are resampled."""
+    d_D = unit_rows(n_keep * unit_rows(W_dec_FD[keep]) + n_free * unit_rows(W_dec_FD[free]))
+    gain = (n_keep * W_enc_DF[:, keep].norm() + n_free * W_enc_DF[:, free].norm()) / (n_keep + n_free)
+    W_dec_FD[keep] = d_D
+    W_enc_DF[:, keep] = d_D * gain
+    seed_D = unit_rows(seed_D)
+    W_dec_FD[free] = seed_D
+    W_enc_DF[:, free] = seed_D * W_enc_DF.norm(dim=0).mean()

@@ -26,6 +26,8 @@ from trainer.models.base import (
     HSAE,
     LevelCode,
     StepOutput,
+    fragment_pairs,
+    merge_pair,
     sparse_decode,
     spherical_kmeans,
     tokens_like,
@@ -72,53 +74,22 @@ def grouped_matvec(x_BD: Tensor, tokens_N: Tensor, experts_N: Tensor, W_EOD: Ten
 
 @torch.no_grad()
 def merge_fragments(model: MoEHSAE, x_BD: Tensor, min_cos: float, rounds: int = 4) -> list[int]:
-    """Merges top-level latents that are fragments of one parent: decoder rows closer than `min_cos` that
-    (almost) never fire on the same token. Each pair becomes one parent whose expert tells the fragments
-    apart; the freed latent is re-seeded on the residual of a badly reconstructed sample token (as dead
-    latents are resampled). Returns the merged parents.
-
-    Why: with more top latents than the data has parents, training splits a parent into latents that each
-    take some of its children (the flat SAE's feature splitting, one level up). Measured on the synthetic
-    family, such fragments fire on disjoint rows with decoder cosines of 0.5-0.9, while distinct parents
-    co-fire at their base rates."""
+    """Merges top-level latents that are fragments of one parent (`fragment_pairs`) into one parent whose
+    expert (re-initialised next) tells them apart; the freed latent is re-seeded on the residual of a badly
+    reconstructed sample token. A few rounds, so that a parent split in more than two merges too. Returns the
+    merged parents. Measured on the synthetic family (seeds 0-2), parents found went from 0.75-0.94 to 1.00 on
+    `centred` and from 0.90-1.00 to 1.00 on `orthogonal`."""
     merged: list[int] = []
     generator = torch.Generator(device=x_BD.device).manual_seed(len(x_BD))
     for _ in range(rounds):
         codes, kept, _, _ = model._codes(x_BD)
-        on_BK = codes[0].indices >= 0
-        fire_NF = x_BD.new_zeros(len(x_BD), model.n_parents + 1)
-        fire_NF.scatter_(1, torch.where(on_BK, codes[0].indices, model.n_parents), 1.0)
-        fire_NF = fire_NF[:, :-1]
-        n_F = fire_NF.sum(0)
-        both_FF = fire_NF.T @ fire_NF
-        dec_FD = unit_rows(model.W_dec_FD)
-        cos_FF = dec_FD @ dec_FD.T
-        rarer_FF = torch.minimum(n_F[:, None], n_F[None, :])
-        ok_FF = (cos_FF > min_cos) & (both_FF <= 0.05 * rarer_FF) & (rarer_FF >= 1)
-        ok_FF = torch.triu(ok_FF, diagonal=1)
-        if not bool(ok_FF.any()):
+        pairs = fragment_pairs(codes[0].indices, model.W_dec_FD, min_cos)
+        if not pairs:
             break
-        pairs = torch.nonzero(ok_FF)
-        pairs = pairs[torch.argsort(cos_FF[pairs[:, 0], pairs[:, 1]], descending=True)].tolist()
         residual_BD = x_BD - model.decode(codes, level=0) - model._decode_child_code(kept)
-        weight_B = residual_BD.pow(2).sum(-1)
-        enc_norm = float(model.W_enc_DF.norm(dim=0).mean())
-        taken: set[int] = set()
-        for i, j in pairs:
-            if i in taken or j in taken:
-                continue
-            taken.update((i, j))
-            keep, free = (i, j) if n_F[i] >= n_F[j] else (j, i)
-            w_keep, w_free = float(n_F[keep]), float(n_F[free])
-            d_D = unit_rows(w_keep * dec_FD[keep] + w_free * dec_FD[free])
-            gain = (w_keep * model.W_enc_DF[:, keep].norm() + w_free * model.W_enc_DF[:, free].norm())
-            model.W_dec_FD[keep] = d_D
-            model.W_enc_DF[:, keep] = d_D * gain / (w_keep + w_free)
-            row = int(torch.multinomial(weight_B, 1, generator=generator))
-            seed_D = unit_rows(residual_BD[row])
-            model.W_dec_FD[free] = seed_D
-            model.W_enc_DF[:, free] = seed_D * enc_norm
-            weight_B[row] = 0
+        rows = torch.multinomial(residual_BD.pow(2).sum(-1), len(pairs), generator=generator)
+        for (keep, free, n_keep, n_free), row in zip(pairs, rows.tolist()):
+            merge_pair(model.W_enc_DF, model.W_dec_FD, keep, free, n_keep, n_free, residual_BD[row])
             merged.append(keep)
     return merged
 

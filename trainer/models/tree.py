@@ -51,6 +51,8 @@ from trainer.models.base import (
     LevelCode,
     SaeLensLevel,
     StepOutput,
+    fragment_pairs,
+    merge_pair,
     sparse_decode,
     spherical_kmeans,
     tokens_like,
@@ -121,9 +123,11 @@ class TreeHSAE(HSAE):
             if sample_raw_ND is None:
                 raise ValueError("initialising children from data needs a sample of activations")
             x_BD = self.normalize(sample_raw_ND.to(self.saes[0].W_dec_FD.device).float())[0]
+            merged = merge_top_fragments(self, x_BD, self.cfg.merge_cos) if self.cfg.merge_cos < 1 else []
             for level in range(1, len(self.saes)):
                 init_level(self, level, x_BD, only_starved=step > min(self.init_steps))
-            return [p for sae in self.saes[1:] for p in (sae.W_enc_DF, sae.W_dec_FD, sae.b_enc_F)
+            redone = self.saes if merged else self.saes[1:]
+            return [p for sae in redone for p in (sae.W_enc_DF, sae.W_dec_FD, sae.b_enc_F)
                     + ((sae.threshold_F,) if isinstance(sae, JumpReLULevel) else ())]
         if self.cfg.assign_by == "coactivation":
             if sample_raw_ND is None:
@@ -402,6 +406,34 @@ def init_children(model: TreeHSAE, level: int, x_BD: Tensor, only_starved: bool)
     child_sae.W_enc_DF[:, set_C] = read_AC[:-1].to(child_sae.W_enc_DF.dtype)
     child_sae.b_enc_F[set_C] = read_AC[-1].to(child_sae.b_enc_F.dtype)
     return len(redone)
+
+
+@torch.no_grad()
+def merge_top_fragments(model: TreeHSAE, x_BD: Tensor, min_cos: float, rounds: int = 4) -> list[int]:
+    """The top level's fragments of one parent (`fragment_pairs`) merged into one latent, whose children
+    then split its events (`init_children` runs next); the freed latent is re-seeded on the residual of a
+    badly reconstructed sample row, and the children of the freed latent move to the merged one. A TopK top
+    level only (a JumpReLU level's thresholds would need refitting). Returns the merged latents."""
+    sae = model.saes[0]
+    if not isinstance(sae, TopKLevel):
+        return []
+    merged: list[int] = []
+    generator = torch.Generator(device=x_BD.device).manual_seed(len(x_BD))
+    for _ in range(rounds):
+        values_BK, indices_BK, _ = sae.encode(x_BD)
+        pairs = fragment_pairs(indices_BK, sae.W_dec_FD, min_cos)
+        if not pairs:
+            break
+        residual_BD = x_BD - sae.decode(indices_BK, values_BK)
+        rows = torch.multinomial(residual_BD.pow(2).sum(-1), len(pairs), generator=generator)
+        parent_of = model.parent_of(1)
+        for (keep, free, n_keep, n_free), row in zip(pairs, rows.tolist()):
+            merge_pair(sae.W_enc_DF, sae.W_dec_FD, keep, free, n_keep, n_free, residual_BD[row])
+            sae.b_enc_F[keep] = (n_keep * sae.b_enc_F[keep] + n_free * sae.b_enc_F[free]) / (n_keep + n_free)
+            sae.b_enc_F[free] = 0
+            parent_of[parent_of == free] = keep
+            merged.append(keep)
+    return merged
 
 
 MAX_ERROR_GROWTH = 2.0
