@@ -33,9 +33,11 @@ VARIANTS: dict[str, tuple[str, str, dict, dict]] = {
     "  - lr 2e-3 (paper 5e-4)": ("moe", "project", {}, {"lr": 5e-4}),
     "  - centring": ("moe", "project", {"center": False}, {}),
     "  - L1 on kept children": ("moe", "project", {"child_l1": "all"}, {}),
+    "  - merge of split parents": ("moe", "project", {"merge_cos": 1.0}, {}),
     "tree project": ("tree", "project", {}, {}),
     "tree paper": ("tree", "paper", {}, {}),
     "  - data init of children": ("tree", "project", {"child_init_at": []}, {}),
+    "  - merge of split top latents": ("tree", "project", {"merge_cos": 1.0}, {}),
 }
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -36,10 +37,13 @@ def _train(name: str, arch: dict, args: argparse.Namespace) -> Path:
     )
     run_dir = _run_dir(name)
     if checkpoint.is_checkpoint(run_dir):
-        saved = json.loads((run_dir / "cfg.json").read_text())
-        if saved.get("arch") == run_cfg.arch.to_dict() and saved.get("train", {}).get("steps") == args.steps:
+        saved, wanted = checkpoint.read_info(run_dir), run_cfg.arch.to_dict()
+        common = saved.arch_config.keys() & wanted.keys()  # fields added since keep their old behaviour
+        same = all(saved.arch_config[key] == wanted[key] for key in common)
+        if same and saved.finished and saved.step == args.steps:
             print(f"   reusing {run_dir}", flush=True)
             return run_dir
+        shutil.rmtree(run_dir)  # a run of other settings: this row trains anew
     t = time.perf_counter()
     run_training(DataSpec(corpus="demo", tokens=args.tokens), run_cfg, run_dir, resume=False)
     print(f"   trained {name} in {time.perf_counter() - t:.0f} s", flush=True)
