@@ -14,6 +14,7 @@ j·C + c.
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 
 import torch
 import torch.nn.functional as F
@@ -77,8 +78,8 @@ def merge_fragments(model: MoEHSAE, x_BD: Tensor, min_cos: float, rounds: int = 
     """Merges top-level latents that are fragments of one parent (`fragment_pairs`) into one parent whose
     expert (re-initialised next) tells them apart; the freed latent is re-seeded on the residual of a badly
     reconstructed sample token. A few rounds, so that a parent split in more than two merges too. Returns the
-    merged parents. Measured on the synthetic family (seeds 0-2), parents found went from 0.75-0.94 to 1.00 on
-    `centred` and from 0.90-1.00 to 1.00 on `orthogonal`."""
+    merged parents. Measured on the synthetic family (seeds 0 / 1 / 2), parents found went from 0.75 / 1.00 /
+    0.94 to 1.00 on `centred` and from 0.95 / 0.90 / 1.00 to 1.00 on `orthogonal`."""
     merged: list[int] = []
     generator = torch.Generator(device=x_BD.device).manual_seed(len(x_BD))
     for _ in range(rounds):
@@ -95,7 +96,7 @@ def merge_fragments(model: MoEHSAE, x_BD: Tensor, min_cos: float, rounds: int = 
 
 
 @torch.no_grad()
-def init_experts(model: MoEHSAE, x_BD: Tensor, only_starved: bool, also: list[int] = ()) -> int:
+def init_experts(model: MoEHSAE, x_BD: Tensor, only_starved: bool, also: Collection[int] = ()) -> int:
     """Re-initialises experts from data. For each parent j, the residuals x − x̂_top of the sample tokens
     where j fires give the subspace: P↓_j = P↑_jᵀ span the s directions where j's residuals exceed the
     residuals of all sample tokens most (principal directions after whitening by the sample's residual
@@ -108,7 +109,8 @@ def init_experts(model: MoEHSAE, x_BD: Tensor, only_starved: bool, also: list[in
     gradient from random codebooks collapse. Measured on the synthetic family (bench/bench_family.py), a
     random start left one or two children of each expert taking all its tokens and the others starved.
     Experts with fewer than 4·C tokens in the sample keep their weights. With `only_starved`, only experts
-    with a child that takes less than 1/(4C) of the expert's tokens are redone. Returns the count redone."""
+    with a child that takes less than 1/(4C) of the expert's tokens are redone, and those in `also` (parents
+    just merged, whose expert now covers both fragments). Returns the count redone."""
     C, S = model.n_children, model.subspace_dim
     codes, kept, _, _ = model._codes(x_BD)
     parent = codes[0]
