@@ -1,15 +1,18 @@
 """Run by tests/trainer/test_distributed.py under torchrun (2 gloo ranks): the `train` command of the CLI
 with a batch the ranks cannot split (refused), once per architecture, then a tree run killed at step 6 (on
-every rank) and resumed with `train --resume`.
+every rank) and resumed with `train --resume`, then a JumpReLU tree whose sparsity controller state every
+rank reports (jumprelu-ranks.json).
 
     python -m torch.distributed.run --standalone --nproc-per-node 2 -m tests.trainer.ddp_worker DIR
 """
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 import typer
 
@@ -54,14 +57,46 @@ def main(folder: Path) -> None:
     source = DyingSource(load_activation_file(acts).rows_ND)
     model = build_model(run_cfg.arch, source.d_in, seed=run_cfg.train.seed)
     try:
-        train(model, source, run_cfg.train, folder / "ddp-resumed",
-              model_info={"name": None, "layer": None, "hook": None},
-              data_info={"activations": acts, "rows": source.num_rows})
+        train(
+            model,
+            source,
+            run_cfg.train,
+            folder / "ddp-resumed",
+            model_info={"name": None, "layer": None, "hook": None},
+            data_info={"activations": acts, "rows": source.num_rows},
+        )
         raise AssertionError("the run was not killed")
     except KeyboardInterrupt:
         pass
     train_cmd("--config", str(folder / "tree.json"), "--out", str(folder / "ddp-resumed"), "--resume")
+    _jumprelu_state_on_every_rank(folder, source)
     dist.destroy_process_group()
+
+
+def _jumprelu_state_on_every_rank(folder: Path, source: TensorSource) -> None:
+    run_cfg = RunConfig.load(folder / "tree-jumprelu.json")
+    model = build_model(run_cfg.arch, source.d_in, seed=run_cfg.train.seed)
+    train(
+        model,
+        TensorSource(source.rows_ND),
+        run_cfg.train,
+        folder / "ddp-jumprelu",
+        model_info={"name": None, "layer": None, "hook": None},
+        data_info={"rows": source.num_rows},
+    )
+    state = torch.cat(
+        [
+            torch.stack([sae.l0_lambda for sae in model.saes]),
+            torch.cat([sae.threshold_F.detach() for sae in model.saes]),
+        ]
+    ).float()
+    gathered = [torch.zeros_like(state) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, state)
+    if dist.get_rank() == 0:
+        levels = len(model.saes)
+        (folder / "jumprelu-ranks.json").write_text(
+            json.dumps([{"lambda": g[:levels].tolist(), "threshold": g[levels:].tolist()} for g in gathered])
+        )
 
 
 if __name__ == "__main__":

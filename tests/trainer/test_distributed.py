@@ -34,13 +34,41 @@ def ddp_runs(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     rows = (atoms[picks] * mags).sum(1) + 0.05 * rng.standard_normal((1024, 32)).astype(np.float32)
     rows[::97] *= 50  # massive activations: the outlier filter leaves different counts on the two ranks
     np.save(folder / "acts.npy", rows)
-    train = {"batch_size": 128, "lr": 3e-3, "steps": STEPS, "checkpoint_every": 4, "log_every": 2,
-             "dead_window_tokens": 256, "dtype": "float32", "progress": True}
+    train = {
+        "batch_size": 128,
+        "lr": 3e-3,
+        "steps": STEPS,
+        "checkpoint_every": 4,
+        "log_every": 2,
+        "dead_window_tokens": 256,
+        "dtype": "float32",
+        "progress": True,
+    }
     for arch in ARCHES:
         (folder / f"{arch}.json").write_text(json.dumps({"arch": TINY_ARCHES[arch], "train": train}))
+    # λ follows each step's L0 error at once, so a rank that steered by its own half of the batch would
+    # end with another λ than its peer; no re-assignment or child init (rank 0 broadcasts the whole model)
+    jumprelu = {
+        **TINY_ARCHES["tree"],
+        "activation": "jumprelu",
+        "lambda_rate": 0.01,
+        "lambda_ema": 0.0,
+        "reassign_every": 100,
+        "child_init_at": [],
+    }
+    (folder / "tree-jumprelu.json").write_text(json.dumps({"arch": jumprelu, "train": train}))
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "-m", "tests.trainer.ddp_worker", str(folder)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "tests.trainer.ddp_worker",
+        str(folder),
+    ]
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return folder, done
@@ -85,6 +113,15 @@ def test_a_killed_two_rank_run_resumes_exactly(ddp_runs):
     assert logged == list(range(2, STEPS + 1, 2))
 
 
+def test_ranks_steer_jumprelu_sparsity_by_the_global_batch(ddp_runs):
+    """Each rank's λ (and so its thresholds) is driven by the L0 of the whole global batch, all-reduced: the
+    ranks end bit-for-bit equal, where steering by each rank's own half left them apart."""
+    folder, _ = ddp_runs
+    rank0, rank1 = json.loads((folder / "jumprelu-ranks.json").read_text())
+    assert rank0 == rank1
+    assert all(lam != 0 for lam in rank0["lambda"])  # the controller moved every level's λ from 0
+
+
 def test_a_batch_the_ranks_cannot_split_is_refused_on_every_rank(ddp_runs):
     folder, done = ddp_runs
     for rank in (0, 1):
@@ -98,5 +135,5 @@ def test_rank_zero_alone_prints_and_shows_progress(ddp_runs):
     for arch in ARCHES:
         assert printed.count(str(folder / f"ddp-{arch}")) == 1
     assert printed.count(str(folder / "ddp-resumed")) == 1
-    # one bar per run that starts from step 0 (3 runs and the killed one), from rank 0 only
-    assert done.stderr.count(f" 0/{STEPS} [") == len(ARCHES) + 1
+    # one bar per run that starts from step 0 (3 runs, the killed one, the JumpReLU one), from rank 0 only
+    assert done.stderr.count(f" 0/{STEPS} [") == len(ARCHES) + 2

@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from trainer import distributed
 from trainer.coactivation import CoFiring, coactivation_parents
 from trainer.config import ArchConfig
 from trainer.models.base import (
@@ -102,8 +103,10 @@ class TreeHSAE(HSAE):
     def level_info(self) -> list[dict]:
         if not self.jumprelu:
             return super().level_info()
-        return [{"width": sae.width, "k": None, "activation": "jumprelu", "target_l0": sae.target_l0}
-                for sae in self.saes]
+        return [
+            {"width": sae.width, "k": None, "activation": "jumprelu", "target_l0": sae.target_l0}
+            for sae in self.saes
+        ]
 
     def parent_of(self, level: int) -> Tensor | None:
         return getattr(self, f"parent_of_{level}") if level >= 1 else None
@@ -127,8 +130,12 @@ class TreeHSAE(HSAE):
             for level in range(1, len(self.saes)):
                 init_level(self, level, x_BD, only_starved=step > min(self.init_steps))
             redone = self.saes if merged else self.saes[1:]
-            return [p for sae in redone for p in (sae.W_enc_DF, sae.W_dec_FD, sae.b_enc_F)
-                    + ((sae.threshold_F,) if isinstance(sae, JumpReLULevel) else ())]
+            return [
+                p
+                for sae in redone
+                for p in (sae.W_enc_DF, sae.W_dec_FD, sae.b_enc_F)
+                + ((sae.threshold_F,) if isinstance(sae, JumpReLULevel) else ())
+            ]
         if self.cfg.assign_by == "coactivation":
             if sample_raw_ND is None:
                 raise ValueError("a co-activation re-assignment needs a sample of activations")
@@ -269,6 +276,11 @@ class TreeHSAE(HSAE):
     def after_optimizer_step(self, step: int) -> None:
         super().after_optimizer_step(step)
         batch_l0, self._batch_l0 = self._batch_l0, None
+        world = distributed.current()
+        if batch_l0 is not None and world.parallel:
+            # every rank steers λ by the whole batch's L0 (the mean of the ranks' equal slices; rows left out
+            # as massive activations make the slices a little unequal), so λ agrees between re-assignments
+            batch_l0 = list(distributed.all_reduce_sum_(torch.stack(batch_l0).float()) / world.size)
         for level, sae in enumerate(self.saes):
             if isinstance(sae, JumpReLULevel):
                 sae.clamp_thresholds()  # θ < 0 would let negative pre-activations through
@@ -328,8 +340,10 @@ def _child_slots(
         fired_C = torch.bincount(child_indices[child_indices >= 0], minlength=child_sae.width)
         slots = [torch.nonzero(parent_of == p).squeeze(1) for p in range(parent_width)]
         empty = torch.zeros(0, dtype=torch.long, device=device)
-        return [s if len(s) and bool((fired_C[s] * 4 * len(s) < counts_P[p]).any()) else empty
-                for p, s in enumerate(slots)]
+        return [
+            s if len(s) and bool((fired_C[s] * 4 * len(s) < counts_P[p]).any()) else empty
+            for p, s in enumerate(slots)
+        ]
     per_parent = child_sae.width // parent_width
     by_count = torch.argsort(counts_P, descending=True, stable=True).tolist()
     living = [p for p in by_count if counts_P[p] >= 4 * max(per_parent, 1)]
