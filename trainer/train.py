@@ -466,6 +466,7 @@ def train(
         )
 
     autocast = make_autocast(device, cfg.resolved_dtype())
+    peak = peak_flops(device, cfg.resolved_dtype())
     resident_ND = _resident_rows(source, device)
     feed = Prefetcher(_batch_feed(source, cfg, start, world, device, max_norm, resident_ND))
     history: list[dict[str, float]] = []
@@ -503,6 +504,9 @@ def train(
                 logs = _step_logs(out, loss, grad_norm, tracker, scheduler, done, cfg.batch_size, grad_scale)
                 now = time.perf_counter()  # after the logs' one sync: the time the steps really took
                 logs["tokens_per_s"] = (done - clock_step) * cfg.batch_size / max(now - clock, 1e-9)
+                if peak:  # model FLOPs utilisation, as nanoGPT prints it
+                    flops_per_token = model.train_flops(cfg.batch_size) / cfg.batch_size
+                    logs["mfu"] = flops_per_token * logs["tokens_per_s"] / peak
                 clock, clock_step = now, done
                 history.append(logs)
                 if world.is_main:
@@ -600,10 +604,23 @@ def _step_logs(
     return logs
 
 
+# dense bf16/fp16 tensor-core peaks (FLOP/s, no sparsity) of the cards MFU is printed for, by name
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12}
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
+    """The card's peak for half-precision training, None on a CPU, in float32 or on a card not listed."""
+    if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for card, peak in PEAK_FLOPS.items() if card in name), None)
+
+
 def _progress_line(logs: dict[str, float], n_levels: int) -> str:
     l0 = "/".join(f"{logs[f'l0_{level}']:.1f}" for level in range(n_levels))
+    mfu = f" mfu {logs['mfu']:.1%}" if "mfu" in logs else ""
     return (
-        f"{logs['tokens_per_s']:,.0f} tok/s loss {logs['loss']:.4g} "
+        f"{logs['tokens_per_s']:,.0f} tok/s{mfu} loss {logs['loss']:.4g} "
         f"ev {logs['explained_variance']:.3f} L0 {l0}"
     )
 

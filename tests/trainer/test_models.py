@@ -10,7 +10,7 @@ from tests.trainer.helpers import D_IN, tiny_arch_config
 from trainer.coactivation import CoFiring
 from trainer.config import ArchConfig
 from trainer.models import build_model
-from trainer.models.base import unit_rows
+from trainer.models.base import geometric_median, unit_rows
 from trainer.models.moe import cross_orthogonality, grouped_matvec
 
 
@@ -180,14 +180,40 @@ def test_tree_coactivation_assignment_needs_data():
         tree.reassign()
 
 
+def test_geometric_median_stays_with_the_majority_where_the_mean_does_not():
+    """Rows: a shared offset, noise, and a feature u on 44% of them. The mean holds 0.44·u; the geometric
+    median (Weiszfeld) stays by the offset. On points on a line it is the 1-D median."""
+    g = torch.Generator().manual_seed(0)
+    offset, u = torch.randn(32, generator=g), unit_rows(torch.randn(32, generator=g))
+    on = torch.rand(4000, generator=g) < 0.44
+    x = offset + 0.01 * torch.randn(4000, 32, generator=g) + on[:, None] * u
+    median = geometric_median(x)
+    assert float((x.mean(0) - offset) @ u) > 0.4
+    assert abs(float((median - offset) @ u)) < 0.1
+    line = torch.tensor([0.0, 1.0, 2.0, 10.0, 50.0])[:, None] * u
+    torch.testing.assert_close(geometric_median(line), 2.0 * u, atol=1e-3, rtol=0)
+
+
+def test_tree_decoder_biases_start_at_the_geometric_median():
+    model = build_model(tiny_arch_config("tree"), 64, seed=0)
+    x = torch.randn(512, 64) + 3.0
+    x[: len(x) // 3] += 5.0 * unit_rows(torch.randn(64))  # a feature on a third of the rows
+    model.prepare(x)
+    median = geometric_median(model.normalize(x)[0])
+    for sae in model.saes:
+        torch.testing.assert_close(sae.b_dec_D.detach(), median)
+
+
 # ---- moe: children only for the k active parents ----------------------------------------------------------
-def test_grouped_matvec_matches_a_plain_gather_forward_and_backward():
+@pytest.mark.parametrize("method", ["buckets", "grouped_mm"])
+def test_grouped_matvec_matches_a_plain_gather_forward_and_backward(method):
     torch.manual_seed(0)
     x = torch.randn(40, 16, requires_grad=True)
     W = torch.randn(9, 3, 16, requires_grad=True)
     experts = torch.cat([torch.zeros(30, dtype=torch.long), torch.randint(0, 9, (90,))])  # one popular expert
+    experts[experts == 5] = 6  # an expert no pair selects: an empty group
     tokens = torch.arange(40).repeat_interleave(3)
-    out = grouped_matvec(x, tokens, experts, W)
+    out = grouped_matvec(x, tokens, experts, W, method)
     ref = torch.einsum("nsd,nd->ns", W[experts], x[tokens])
     torch.testing.assert_close(out, ref)
     grad = torch.randn_like(out)
@@ -225,6 +251,47 @@ def test_moe_makes_no_tensor_the_size_of_all_experts_or_of_gathered_projections(
         model.loss(x, step=10).loss.backward()
     allowed = max(max(p.numel() for p in model.parameters()), B * F, 2 * B * K * D)
     assert spy.largest <= allowed < min(B * F * S, B * K * S * D, B * F * C)
+
+
+# ops whose result the host must read from the device (a value, or a shape that depends on the data)
+HOST_SYNC_OPS = ("_local_scalar_dense", "nonzero", "unique", "masked_select", "bincount", "repeat_interleave")
+
+
+class _OpNames(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_moe_gpu_expert_pass_equals_the_cpu_one_and_needs_no_host_sync():
+    """The GPU path (`expert_matmul = "grouped_mm"`, one grouped GEMM) run here on the CPU: the same loss and
+    gradients as the CPU path (buckets), and no op in forward + backward that makes the host wait for the
+    device (the buckets path reads its bucket sizes with .tolist(), so it is checked to be seen)."""
+    model = _moe(S=4)
+    x = torch.randn(128, 64)
+    model.prepare(x)
+    grads = {}
+    for method in ("buckets", "grouped_mm"):
+        model.expert_matmul = method
+        model.zero_grad()
+        spy = _OpNames()
+        with spy:
+            loss = model.loss(x, step=10).loss
+            loss.backward()
+        syncs = {name for name in spy.names if any(op in name for op in HOST_SYNC_OPS)}
+        grads[method] = (loss.detach(), [p.grad.clone() for p in model.parameters()])
+        if method == "grouped_mm":
+            assert "aten._grouped_mm.default" in spy.names and not syncs, syncs
+        else:
+            assert syncs  # the spy sees host syncs where there are some
+    (loss_a, grads_a), (loss_b, grads_b) = grads.values()
+    torch.testing.assert_close(loss_a, loss_b)
+    for a, b in zip(grads_a, grads_b):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
 def test_moe_reads_no_expert_of_an_inactive_parent():

@@ -53,6 +53,7 @@ from trainer.models.base import (
     SaeLensLevel,
     StepOutput,
     fragment_pairs,
+    geometric_median,
     merge_pair,
     sparse_decode,
     spherical_kmeans,
@@ -160,9 +161,9 @@ class TreeHSAE(HSAE):
 
     @torch.no_grad()
     def init_from_data(self, sample_BD: Tensor) -> None:
-        mean_D = sample_BD.mean(0)
+        median_D = geometric_median(sample_BD)  # not the mean: see `geometric_median`
         for sae in self.saes:
-            sae.b_dec_D.copy_(mean_D)
+            sae.b_dec_D.copy_(median_D)
             if isinstance(sae, JumpReLULevel):
                 sae.fit_thresholds(sample_BD)
 
