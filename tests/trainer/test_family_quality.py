@@ -14,21 +14,20 @@ bench/bench_family.py for the ablation and the paper preset):
   raw-scale    1.00 1.00 1.00   1.00 1.00 1.00   1.00 1.00 1.00
   orthogonal   1.00 1.00 1.00   0.91 0.90 0.96   0.93 0.92 0.94
   tree
-  centred      1.00 1.00 1.00   1.00 1.00 1.00   0.97 0.95 0.94
+  centred      1.00 1.00 1.00   1.00 1.00 1.00   0.98 0.97 0.95
   leaning      1.00 1.00 1.00   1.00 1.00 1.00   1.00 1.00 1.00
-  uneven       1.00 0.96 0.92   1.00 0.98 0.98   0.99 0.98 0.92
-  raw-scale    1.00 1.00 1.00   1.00 0.98 1.00   1.00 1.00 1.00
-  orthogonal   1.00 1.00 1.00   0.88 0.93 0.93   0.89 0.88 0.86
+  uneven       0.96 0.88 0.83   1.00 0.88 0.93   0.97 0.90 0.85
+  raw-scale    0.97 1.00 1.00   0.99 0.98 1.00   0.97 1.00 1.00
+  orthogonal   1.00 1.00 1.00   0.88 0.93 0.93   0.89 0.86 0.87
 Merging the top level's fragments of one parent (`merge_cos`) took the MoE's parents on `centred` from
-0.75 / 1.00 / 0.94 to 1.00 and the tree's edge precision there from 0.91-0.92 to 0.95-0.98. Starting the
-tree's decoder biases at the geometric median instead of the mean took its `uneven` parents from 0.96 / 0.88
-/ 0.83 to the figures above (one parent fires on 44% of rows: the mean holds 0.44 of it).
+0.75 / 1.00 / 0.94 to 1.00 and the tree's edge precision there from 0.91-0.92 to 0.95-0.98.
 The issue's goal (>= 0.9 children, >= 0.95 parents, edge precision >= 0.9 on every generator) is met by
-the MoE on all but `uneven` (children 0.80-0.88: most lost children belong to a frequent parent split over
-several top latents, the rest to experts with 7-8 true children in a 4-dimensional subspace), and by the tree
-on `centred`, `leaning`, `raw-scale`, and on `uneven` but for one seed's parents (0.92); the tree's
-`orthogonal` children and edges are what is left. The floors sit under the worst seed, a little lower where
-the measurement above came from an earlier run of the same method.
+the MoE on all but `uneven`
+(children 0.80-0.88: up to 8 true children in an expert's 4-dimensional subspace), and by the tree on
+`centred`, `leaning` and `raw-scale`; the tree's `uneven` parents (a TopK top level with k = 3 fires 3 latents
+on rows with 1-3 events, so fragments fire together and are not merged) and `orthogonal` edges are what is
+left. The floors sit under the worst seed, a little lower where the measurement above came from an earlier
+run of the same method.
 """
 
 from __future__ import annotations
@@ -51,7 +50,7 @@ FLOORS = {
     ("moe", "orthogonal"): (0.95, 0.85, 0.85),
     ("tree", "centred"): (0.95, 0.95, 0.9),
     ("tree", "leaning"): (0.95, 0.95, 0.95),
-    ("tree", "uneven"): (0.9, 0.95, 0.9),
+    ("tree", "uneven"): (0.8, 0.85, 0.8),
     ("tree", "raw-scale"): (0.95, 0.95, 0.95),
     ("tree", "orthogonal"): (0.95, 0.85, 0.8),
 }

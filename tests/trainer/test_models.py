@@ -10,7 +10,7 @@ from tests.trainer.helpers import D_IN, tiny_arch_config
 from trainer.coactivation import CoFiring
 from trainer.config import ArchConfig
 from trainer.models import build_model
-from trainer.models.base import geometric_median, unit_rows
+from trainer.models.base import unit_rows
 from trainer.models.moe import cross_orthogonality, grouped_matvec
 
 
@@ -178,30 +178,6 @@ def test_tree_coactivation_assignment_needs_data():
     tree = build_model(tiny_arch_config("tree"), D_IN, seed=0)
     with pytest.raises(ValueError, match="needs a sample"):
         tree.reassign()
-
-
-def test_geometric_median_stays_with_the_majority_where_the_mean_does_not():
-    """Rows: a shared offset, noise, and a feature u on 44% of them. The mean holds 0.44·u; the geometric
-    median (Weiszfeld) stays by the offset. On points on a line it is the 1-D median."""
-    g = torch.Generator().manual_seed(0)
-    offset, u = torch.randn(32, generator=g), unit_rows(torch.randn(32, generator=g))
-    on = torch.rand(4000, generator=g) < 0.44
-    x = offset + 0.01 * torch.randn(4000, 32, generator=g) + on[:, None] * u
-    median = geometric_median(x)
-    assert float((x.mean(0) - offset) @ u) > 0.4
-    assert abs(float((median - offset) @ u)) < 0.1
-    line = torch.tensor([0.0, 1.0, 2.0, 10.0, 50.0])[:, None] * u
-    torch.testing.assert_close(geometric_median(line), 2.0 * u, atol=1e-3, rtol=0)
-
-
-def test_tree_decoder_biases_start_at_the_geometric_median():
-    model = build_model(tiny_arch_config("tree"), 64, seed=0)
-    x = torch.randn(512, 64) + 3.0
-    x[: len(x) // 3] += 5.0 * unit_rows(torch.randn(64))  # a feature on a third of the rows
-    model.prepare(x)
-    median = geometric_median(model.normalize(x)[0])
-    for sae in model.saes:
-        torch.testing.assert_close(sae.b_dec_D.detach(), median)
 
 
 # ---- moe: children only for the k active parents ----------------------------------------------------------

@@ -296,28 +296,6 @@ KMEANS_ITERS = 20
 KMEANS_RESTARTS = 3
 
 
-@torch.no_grad()
-def geometric_median(x_ND: Tensor, iters: int = 64, rtol: float = 1e-6) -> Tensor:
-    """The point with the least summed distance to the rows (Weiszfeld's iterations from the mean), where
-    flat SAEs start their decoder bias (SAELens's `b_dec_init_method="geometric_median"`).
-
-    Why not the mean: a feature on a large share of the rows (a frequent parent, a position feature) moves the
-    mean by its frequency × its direction, so after subtracting it the feature is negative on every row that
-    lacks it, and a ReLU code can only mend that with other latents. The median stays with the majority of
-    rows. Measured on the synthetic family (seeds 0-2, `uneven`: one parent on 44% of rows), the tree's
-    parents found went from 0.96 / 0.88 / 0.83 to 1.00 / 0.96 / 0.92."""
-    x_ND = x_ND.float()
-    m_D = x_ND.mean(0)
-    for _ in range(iters):
-        w_N = 1.0 / (x_ND - m_D).norm(dim=-1).clamp_min(EPS)
-        new_D = (w_N[:, None] * x_ND).sum(0) / w_N.sum()
-        moved = float((new_D - m_D).norm())
-        m_D = new_D
-        if moved <= rtol * float(m_D.norm().clamp_min(EPS)):
-            break
-    return m_D
-
-
 def spherical_kmeans(u_NS: Tensor, n: int, generator: torch.Generator) -> Tensor:
     """[n, S] unit centroids of the directions of `u_NS`: Lloyd steps on cosine from k-means++ seeds, the
     best of KMEANS_RESTARTS starts by Σ ‖u‖·cos(u, its centroid) (one start can merge two well-separated

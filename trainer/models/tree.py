@@ -53,7 +53,6 @@ from trainer.models.base import (
     SaeLensLevel,
     StepOutput,
     fragment_pairs,
-    geometric_median,
     merge_pair,
     sparse_decode,
     spherical_kmeans,
@@ -161,9 +160,9 @@ class TreeHSAE(HSAE):
 
     @torch.no_grad()
     def init_from_data(self, sample_BD: Tensor) -> None:
-        median_D = geometric_median(sample_BD)  # not the mean: see `geometric_median`
+        mean_D = sample_BD.mean(0)
         for sae in self.saes:
-            sae.b_dec_D.copy_(median_D)
+            sae.b_dec_D.copy_(mean_D)
             if isinstance(sae, JumpReLULevel):
                 sae.fit_thresholds(sample_BD)
 
