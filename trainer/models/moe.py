@@ -40,7 +40,7 @@ LEAK = 0.01
 
 
 _GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
-_grouped_mm_works: dict[tuple[str, torch.dtype], bool] = {}
+_grouped_mm_works: dict[tuple[str, torch.dtype, int], bool] = {}
 
 
 def grouped_matvec(
@@ -56,17 +56,23 @@ def grouped_matvec(
 
 
 def _grouped_mm_runs(x_BD: Tensor) -> bool:
-    """Whether this torch has a grouped GEMM for x's device and dtype (probed once with a tiny product)."""
-    key = (str(x_BD.device), _compute_dtype(x_BD))
+    """Whether this torch runs a grouped GEMM, forward and backward, on x's device and dtype at x's width
+    (probed once per device, dtype and width with a tiny product: older cards or odd widths fall back)."""
+    if _GROUPED_MM is None:
+        return False
+    key = (str(x_BD.device), _compute_dtype(x_BD), x_BD.shape[1])
     if key not in _grouped_mm_works:
         try:
-            a = torch.zeros(16, 16, device=x_BD.device, dtype=key[1])
-            b = torch.zeros(2, 16, 8, device=x_BD.device, dtype=key[1])
-            _GROUPED_MM(a, b, offs=torch.tensor([8, 16], device=x_BD.device, dtype=torch.int32))
+            with torch.enable_grad():
+                a = torch.ones(16, key[2], device=x_BD.device, dtype=key[1], requires_grad=True)
+                b = torch.ones(2, key[2], 8, device=x_BD.device, dtype=key[1], requires_grad=True)
+                offs = torch.tensor([8, 16], device=x_BD.device, dtype=torch.int32)
+                out = _GROUPED_MM(a, b, offs=offs)
+                torch.autograd.grad(out, (a, b), torch.ones_like(out))
             _grouped_mm_works[key] = True
-        except (RuntimeError, TypeError, NotImplementedError):
+        except (RuntimeError, TypeError, NotImplementedError, ValueError):
             _grouped_mm_works[key] = False
-    return _grouped_mm_works[key] and _GROUPED_MM is not None
+    return _grouped_mm_works[key]
 
 
 def _compute_dtype(x_BD: Tensor) -> torch.dtype:
