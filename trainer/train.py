@@ -467,6 +467,10 @@ def train(
 
     autocast = make_autocast(device, cfg.resolved_dtype())
     peak = peak_flops(device, cfg.resolved_dtype())
+    # model FLOPs utilisation per card, as nanoGPT prints it: one rank's step FLOPs × steps/s over its peak
+    flops_per_token_per_peak = (
+        model.train_flops(cfg.batch_size // world.size) / cfg.batch_size / peak if peak else None
+    )
     resident_ND = _resident_rows(source, device)
     feed = Prefetcher(_batch_feed(source, cfg, start, world, device, max_norm, resident_ND))
     history: list[dict[str, float]] = []
@@ -504,9 +508,8 @@ def train(
                 logs = _step_logs(out, loss, grad_norm, tracker, scheduler, done, cfg.batch_size, grad_scale)
                 now = time.perf_counter()  # after the logs' one sync: the time the steps really took
                 logs["tokens_per_s"] = (done - clock_step) * cfg.batch_size / max(now - clock, 1e-9)
-                if peak:  # model FLOPs utilisation, as nanoGPT prints it
-                    flops_per_token = model.train_flops(cfg.batch_size) / cfg.batch_size
-                    logs["mfu"] = flops_per_token * logs["tokens_per_s"] / peak
+                if flops_per_token_per_peak:
+                    logs["mfu"] = flops_per_token_per_peak * logs["tokens_per_s"]
                 clock, clock_step = now, done
                 history.append(logs)
                 if world.is_main:
