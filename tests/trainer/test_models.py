@@ -539,9 +539,9 @@ def test_tree_child_data_init_gives_every_true_child_its_own_latent():
     assert (torch.bincount(model.parent_of(1), minlength=P) == per_parent).all()  # every parent its share
 
 
-def test_tree_level_init_keeps_the_old_weights_when_the_fresh_ones_reconstruct_far_worse(monkeypatch):
-    """`init_level` never costs a level more than MAX_ERROR_GROWTH of its reconstruction error: with no growth
-    allowed, a level whose fresh children reconstruct worse keeps every weight and its tree."""
+def test_tree_level_init_keeps_the_old_weights_when_the_fresh_ones_explain_too_little(monkeypatch):
+    """`init_level` refuses a fresh level whose error exceeds MAX_FRESH_ERROR of the sample's variance: with
+    the bound at 0, the level keeps every weight and its tree; at the default it takes the fresh children."""
     import trainer.models.tree as tree_module
     from trainer.synthetic import FAMILY, make
 
@@ -557,11 +557,11 @@ def test_tree_level_init_keeps_the_old_weights_when_the_fresh_ones_reconstruct_f
         model.saes[1].W_enc_DF.copy_(truth.parent_dirs_PD.repeat(4, 1).T)
     x_n = model.normalize(torch.from_numpy(truth.x_ND))[0]
     before = {k: v.clone() for k, v in model.saes[1].state_dict().items()}
-    monkeypatch.setattr(tree_module, "MAX_ERROR_GROWTH", 0.0)
+    monkeypatch.setattr(tree_module, "MAX_FRESH_ERROR", 0.0)
     assert tree_module.init_level(model, 1, x_n, only_starved=False) == 0
     for name, value in model.saes[1].state_dict().items():
         assert torch.equal(value, before[name]), name
     assert (model.parent_of(1) == -1).all()
-    monkeypatch.setattr(tree_module, "MAX_ERROR_GROWTH", 2.0)
+    monkeypatch.undo()
     assert tree_module.init_level(model, 1, x_n, only_starved=False) == P
     assert not torch.equal(model.saes[1].W_dec_FD, before["W_dec_FD"])
