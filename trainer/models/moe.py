@@ -247,6 +247,29 @@ def _inverse_sqrt(moment_DD: Tensor) -> Tensor:
     return ((vectors_DD * values_D.rsqrt()) @ vectors_DD.T).to(moment_DD.dtype)
 
 
+def _fill_silent_slots(z_BF: Tensor, values_BK: Tensor, top_BK: Tensor) -> tuple[Tensor, Tensor]:
+    """On a token where fewer than k parents pass the threshold, the remaining slots hold parents of value 0;
+    this gives them the lowest-index silent parents, as the authors' k rounds of argmax do (argmax returns
+    the first of equal values), instead of whichever zeros `topk` returns. They reconstruct nothing, but
+    their experts' codes are computed, and the authors' L1 (`child_l1="all"`) charges them.
+
+    The first 2k columns of such a token hold at least k silent parents (at most k - 1 pass), so only they
+    are searched; no host sync."""
+    B, K = top_BK.shape
+    active_BK = values_BK > 0
+    # active slots first (their order does not matter), then the silent ones in column order
+    order_BK = torch.argsort((~active_BK).to(torch.int8), dim=-1, stable=True)
+    values_BK, top_BK = values_BK.gather(1, order_BK), top_BK.gather(1, order_BK)
+    n_active_B1 = active_BK.sum(-1, keepdim=True)
+    silent_BH = z_BF[:, : 2 * K] <= 0
+    rank_BH = silent_BH.cumsum(-1)
+    take_BH = silent_BH & (rank_BH <= K - n_active_B1)
+    slot_BH = torch.where(take_BH, n_active_B1 + rank_BH - 1, K)  # K: a spare column, dropped
+    columns_BH = torch.arange(silent_BH.shape[1], device=z_BF.device).expand(B, -1)
+    filled_BK1 = torch.cat([top_BK, top_BK.new_zeros(B, 1)], 1).scatter(1, slot_BH, columns_BH)
+    return values_BK, filled_BK1[:, :K]
+
+
 def cross_orthogonality(W_enc_DF: Tensor, W_dec_FD: Tensor) -> Tensor:
     """‖E Dᵀ − diag‖_F / (F² − F) with unit encoder rows E and decoder rows D.
 
@@ -311,7 +334,7 @@ class MoEHSAE(HSAE):
         pre_BF = x_BD @ self.W_enc_DF
         z_BF = torch.where(pre_BF >= self.theta, pre_BF, 0)
         values_BK, top_BK = z_BF.topk(self.k, dim=-1, sorted=False)
-        return z_BF, values_BK, top_BK
+        return z_BF, *_fill_silent_slots(z_BF, values_BK, top_BK)
 
     def _children(self, x_BD: Tensor, top_BK: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Expert codes of the k selected parents only: (h_NC before the argmax, value_N, slot_N)."""
