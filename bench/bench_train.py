@@ -12,8 +12,8 @@ explained variance of each on held-out rows after the same number of training to
         [--size demo|16k_16|4k_64] [--device cpu|cuda] [--dtype auto|float32|bfloat16]
         [--expert-matmul auto|buckets|grouped_mm]
 
-On a GPU the MoE's expert pass is one grouped GEMM without host syncs (`--expert-matmul auto`); `buckets`
-measures the CPU formulation there for comparison.
+The MoE's expert pass is one grouped GEMM without host syncs wherever torch runs one (`--expert-matmul
+auto`); `buckets` measures the fallback for comparison.
 
 One torch thread by default: on this shared 2-core machine a second OpenMP thread makes every op wait for a
 core that another process holds, which hurts the MoE's many small ops far more than the flat SAE's few large

@@ -244,9 +244,9 @@ class _OpNames(TorchDispatchMode):
 
 
 def test_moe_gpu_expert_pass_equals_the_cpu_one_and_needs_no_host_sync():
-    """The GPU path (`expert_matmul = "grouped_mm"`, one grouped GEMM) run here on the CPU: the same loss and
-    gradients as the CPU path (buckets), and no op in forward + backward that makes the host wait for the
-    device (the buckets path reads its bucket sizes with .tolist(), so it is checked to be seen)."""
+    """The grouped GEMM (`expert_matmul = "grouped_mm"`, the default wherever torch runs one): the same loss
+    and gradients as the bucket fallback, and no op in forward + backward that makes the host wait for the
+    device (the bucket path reads its bucket sizes with .tolist(), so it is checked to be seen)."""
     model = _moe(S=4)
     x = torch.randn(128, 64)
     model.prepare(x)

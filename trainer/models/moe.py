@@ -49,8 +49,11 @@ def grouped_matvec(
     """out[n] = W[experts[n]] @ x[tokens[n]] for N (token, expert) pairs, [N, O].
 
     `method`: "grouped_mm" (one grouped GEMM, no host sync: `grouped_matvec_gmm`), "buckets" (below), or
-    "auto": grouped_mm on a GPU where this torch runs it, buckets elsewhere."""
-    if method == "grouped_mm" or (method == "auto" and x_BD.is_cuda and _grouped_mm_runs(x_BD)):
+    "auto": grouped_mm wherever this torch runs it (probed once per device, dtype and width), else buckets.
+    On a 2-core CPU the grouped GEMM took the demo's forward and backward expert pass (B=1024, k=32, 1024
+    experts, s=4, d=576) from 266 to 135 ms and a whole training step from 0.31 to 0.24 s; at the synthetic
+    family's sizes (d 64-256, k 2-3) from 1.5-3.2 to 0.9-1.9 ms."""
+    if method == "grouped_mm" or (method == "auto" and _grouped_mm_runs(x_BD)):
         return grouped_matvec_gmm(x_BD, tokens_N, experts_N, W_EOD)
     return grouped_matvec_buckets(x_BD, tokens_N, experts_N, W_EOD)
 
@@ -100,7 +103,7 @@ def grouped_matvec_gmm(x_BD: Tensor, tokens_N: Tensor, experts_N: Tensor, W_EOD:
 
 
 def grouped_matvec_buckets(x_BD: Tensor, tokens_N: Tensor, experts_N: Tensor, W_EOD: Tensor) -> Tensor:
-    """`grouped_matvec` by buckets of experts of similar use, for the CPU.
+    """`grouped_matvec` by buckets of experts of similar use, where this torch has no grouped GEMM.
 
     Why this shape of computation (measured on a 2-core CPU, B=1024, k=32, 1024 experts with skewed use,
     s=4, d=576, forward + backward): gathering W[experts] per pair and one bmm moves B·k·s·d floats and took
@@ -284,7 +287,7 @@ def cross_orthogonality(W_enc_DF: Tensor, W_dec_FD: Tensor) -> Tensor:
 @register("moe")
 class MoEHSAE(HSAE):
     normalization = "unit_norm"
-    expert_matmul = "auto"  # `grouped_matvec`'s method: grouped_mm on GPUs, buckets on the CPU
+    expert_matmul = "auto"  # `grouped_matvec`'s method: grouped_mm where it runs, else buckets
 
     def __init__(self, cfg: ArchConfig, d_in: int):
         super().__init__(cfg, d_in)
