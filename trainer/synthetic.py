@@ -4,8 +4,8 @@ A model that finds the tree of one generator can be tuned to it; the defaults ar
 tests judge them, over a *family* that varies what real features vary:
 
 - child direction: centred on the parent (the child adds a part orthogonal to its parent, siblings' parts
-  sum to zero, so the parent is exactly their centroid) or only leaning towards it (the child's own
-  direction v_c has cosine `child_cos` with its parent's, 0 = unrelated);
+  sum to zero, so the parent is exactly their centroid) or leaning towards it (the child's own direction
+  v_c has cosine `child_cos` with its parent's: 0 = unrelated, 0.8 = close to the parent);
 - child magnitude tied to the parent's event or drawn independently;
 - 1–3 parent events per row; uneven (Zipf) parent frequencies; 2–8 children per parent; d 64–256;
 - noise, and raw scale: rows with norms far from 1 and a large shared mean, as residual streams have.
@@ -84,6 +84,9 @@ FAMILY: tuple[HierarchySpec, ...] = (
     ),
     # children unrelated in direction to their parent, strong ones
     HierarchySpec("orthogonal", n_parents=20, children=(2, 6), d=96, child_cos=0.0, child_scale=1.0),
+    # children close to their parent (a breed of dog is mostly "dog"), 1-2 events per row: a TopK child
+    # level can represent each parent by one latent and leave its children dead
+    HierarchySpec("close", n_parents=16, children=(3, 6), d=64, active=(1, 2), child_cos=0.8, child_scale=0.8),
 )
 
 
@@ -126,15 +129,19 @@ def make(spec: HierarchySpec, n_rows: int = 60_000, seed: int = 0) -> Hierarchy:
     child_p = [rng.dirichlet(np.full(n, 20.0)) for n in n_children]
     n_active = rng.integers(spec.active[0], spec.active[1] + 1, n_rows)
     A = spec.active[1]
-    parents_NA = np.full((n_rows, A), -1)
-    children_NA = np.full((n_rows, A), -1)
-    for t in range(n_rows):
-        chosen = rng.choice(P, n_active[t], replace=False, p=parent_p)
-        parents_NA[t, : len(chosen)] = chosen
-        for slot, p in enumerate(chosen):
-            children_NA[t, slot] = first_child[p] + rng.choice(n_children[p], p=child_p[p])
+    # distinct parents drawn in proportion to parent_p without replacement (the Gumbel-top-k trick, the
+    # same distribution as drawing one at a time), then each one's child from its own child_p
+    keys_NP = np.log(parent_p) + rng.gumbel(size=(n_rows, P))
+    order_NA = np.argsort(-keys_NP, axis=1)[:, :A]
+    on = np.arange(A) < n_active[:, None]
+    parents_NA = np.where(on, order_NA, -1)
+    cdf_PC = np.zeros((P, int(n_children.max())))
+    for p, probs in enumerate(child_p):
+        cdf_PC[p] = np.concatenate([np.cumsum(probs)[:-1], np.full(cdf_PC.shape[1] - len(probs) + 1, 2.0)])
+    draw_NA = rng.random((n_rows, A))
+    slot_NA = (draw_NA[..., None] > cdf_PC[parents_NA.clip(0)]).sum(-1)
+    children_NA = np.where(on, first_child[parents_NA.clip(0)] + slot_NA, -1)
 
-    on = parents_NA >= 0
     a_NA = np.where(on, rng.uniform(0.5, 1.5, (n_rows, A)), 0.0)
     if spec.tied_magnitude:
         b_NA = spec.child_scale * a_NA * rng.uniform(0.75, 1.25, (n_rows, A))
