@@ -7,10 +7,11 @@ true feature's) and the edge precision. The same for the Tree HSAE, whose projec
 paper's by the data initialisation of children and the co-activation re-assignment. Sizes are those a user
 would give (`HierarchySpec.model_sizes`); everything else is the preset's default.
 
-    .venv/bin/python bench/bench_family.py [--seeds 3] [--steps 3000] [--rows 60000] [--only NAME,...]
+    .venv/bin/python bench/bench_family.py [--seeds 3] [--steps 1500] [--rows 60000] [--only NAME,...]
 
-About 30-60 s per model on one CPU thread, one process per core; the full table (5 generators x 3 seeds x 9
-models) takes ~45 min on the 2-core development machine, so --only, --variants and --seeds pick a part.
+About 10-30 s per model on one CPU thread at the default steps (those of the family quality test), one
+process per core; the full table (6 generators x 3 seeds x 11 models) takes ~35 min on the 2-core
+development machine, so --only, --variants and --seeds pick a part.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trainer.synthetic import FAMILY, Job, judge_in_parallel  # noqa: E402
+from trainer.synthetic import FAMILY, FAMILY_STEPS, Job, judge_in_parallel  # noqa: E402
 
 # name -> (arch, preset, fields switched back to the paper's)
 VARIANTS: dict[str, tuple[str, str, dict, dict]] = {
@@ -44,7 +45,7 @@ VARIANTS: dict[str, tuple[str, str, dict, dict]] = {
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--steps", type=int, default=FAMILY_STEPS)
     parser.add_argument("--batch", type=int, default=1024)
     parser.add_argument("--rows", type=int, default=60_000)
     parser.add_argument("--only", default="", help="comma-separated generator names")

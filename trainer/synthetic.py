@@ -30,6 +30,9 @@ import torch
 from torch import Tensor
 
 IOU_FOUND = 0.5
+FAMILY_STEPS = 1500
+"""Optimizer steps of 1024 rows each model of the family trains for in the quality tests and the bench: the
+budget that keeps the 36 models of tests/trainer/test_family_quality.py near 5 minutes on two cores."""
 
 
 @dataclass(frozen=True)
@@ -86,7 +89,9 @@ FAMILY: tuple[HierarchySpec, ...] = (
     HierarchySpec("orthogonal", n_parents=20, children=(2, 6), d=96, child_cos=0.0, child_scale=1.0),
     # children close to their parent (a breed of dog is mostly "dog"), 1-2 events per row: a TopK child
     # level can represent each parent by one latent and leave its children dead
-    HierarchySpec("close", n_parents=16, children=(3, 6), d=64, active=(1, 2), child_cos=0.8, child_scale=0.8),
+    HierarchySpec(
+        "close", n_parents=16, children=(3, 6), d=64, active=(1, 2), child_cos=0.8, child_scale=0.8
+    ),
 )
 
 
@@ -233,7 +238,7 @@ def train_and_judge(
     preset: str = "project",
     arch_fields: dict[str, Any] | None = None,
     train_fields: dict[str, Any] | None = None,
-    steps: int = 3000,
+    steps: int = FAMILY_STEPS,
     batch: int = 1024,
 ) -> Recovery:
     """Trains `arch` on `truth` as `hsae train` would with only the sizes given (`model_sizes`, `steps`,
@@ -273,7 +278,7 @@ class Job:
     preset: str = "project"
     arch_fields: dict[str, Any] = field(default_factory=dict)
     train_fields: dict[str, Any] = field(default_factory=dict)
-    steps: int = 3000
+    steps: int = FAMILY_STEPS
     batch: int = 1024
     rows: int = 60_000
 

@@ -1,33 +1,35 @@
 """Both hierarchical architectures with the project's defaults, judged on every generator of the synthetic
 family, 3 seeds each.
 
-Only the sizes a user would give are set (`HierarchySpec.model_sizes`, 3000 steps of 1024); the rest is the
-project preset, composed exactly as `hsae train` composes it. A true feature is found when a learned latent's
-firing rows have IoU ≥ 0.5 with it (trainer/synthetic.py). The models train in parallel, one single-threaded
-process per core. The floors below sit under the worst of the 3 seeds measured for each generator (see
-bench/bench_family.py for the ablation and the paper preset):
+Only the sizes a user would give are set (`HierarchySpec.model_sizes`, FAMILY_STEPS = 1500 steps of 1024);
+the rest is the project preset, composed exactly as `hsae train` composes it. A true feature is found when a
+learned latent's firing rows have IoU >= 0.5 with it (trainer/synthetic.py). The models train in parallel,
+one single-threaded process per core (about 5 minutes on two cores). The floors below sit under the worst
+of the 3 seeds measured for each generator (see bench/bench_family.py for the ablation and the paper preset):
 
   moe          parents          children         edge precision    (seeds 0 / 1 / 2, this 2-core CPU)
-  centred      1.00 1.00 1.00   0.97 0.97 0.98   0.92 0.98 0.94
-  leaning      1.00 1.00 1.00   0.97 0.97 0.97   1.00 1.00 0.99
-  uneven       0.96 0.96 0.96   0.88 0.80 0.84   0.96 1.00 0.92
-  raw-scale    1.00 1.00 1.00   1.00 1.00 1.00   1.00 1.00 1.00
-  orthogonal   1.00 1.00 1.00   0.91 0.90 0.96   0.93 0.92 0.94
+  centred      1.00 0.94 0.88   0.95 0.80 0.95   0.97 1.00 0.84
+  leaning      1.00 1.00 1.00   0.95 0.93 0.97   1.00 1.00 1.00
+  uneven       0.96 0.67 0.83   0.86 0.58 0.74   0.98 0.88 0.95
+  raw-scale    1.00 1.00 0.97   1.00 1.00 0.94   1.00 1.00 1.00
+  orthogonal   1.00 0.95 1.00   0.90 0.89 0.92   0.92 0.89 0.97
+  close        1.00 0.94 1.00   0.82 0.73 0.88   1.00 0.96 1.00
   tree
-  centred      1.00 1.00 1.00   1.00 1.00 1.00   0.98 0.97 0.95
-  leaning      1.00 1.00 1.00   1.00 1.00 1.00   1.00 1.00 1.00
-  uneven       0.96 0.88 0.83   1.00 0.88 0.93   0.97 0.90 0.85
-  raw-scale    0.97 1.00 1.00   0.99 0.98 1.00   0.97 1.00 1.00
-  orthogonal   1.00 1.00 1.00   0.88 0.93 0.93   0.89 0.86 0.87
-Merging the top level's fragments of one parent (`merge_cos`) took the MoE's parents on `centred` from
-0.75 / 1.00 / 0.94 to 1.00 and the tree's edge precision there from 0.91-0.92 to 0.95-0.98.
-The issue's goal (>= 0.9 children, >= 0.95 parents, edge precision >= 0.9 on every generator) is met by
-the MoE on all but `uneven`
-(children 0.80-0.88: up to 8 true children in an expert's 4-dimensional subspace), and by the tree on
-`centred`, `leaning` and `raw-scale`; the tree's `uneven` parents (a TopK top level with k = 3 fires 3 latents
-on rows with 1-3 events, so fragments fire together and are not merged) and `orthogonal` edges are what is
-left. The floors sit under the worst seed, a little lower where the measurement above came from an earlier
-run of the same method.
+  centred      1.00 1.00 1.00   1.00 1.00 0.97   0.97 0.97 0.94
+  leaning      1.00 1.00 1.00   0.95 1.00 0.96   1.00 0.99 1.00
+  uneven       1.00 0.83 0.88   0.95 0.78 0.86   0.98 0.93 0.91
+  raw-scale    1.00 1.00 1.00   0.96 0.99 0.98   1.00 1.00 1.00
+  orthogonal   0.95 1.00 1.00   1.00 1.00 1.00   0.89 0.89 0.93
+  close        1.00 1.00 1.00   0.92 0.96 0.86   1.00 1.00 1.00
+
+The issue's goal (>= 0.9 children, >= 0.95 parents, edge precision >= 0.9 on every generator) is met by the
+MoE on `leaning` and `raw-scale`, and by the tree on `centred`, `leaning` and `raw-scale`. What is left:
+the MoE's `uneven` (the most frequent parent, on ~44% of rows, splits into top-level fragments that the merge
+does not catch, and up to 8 children share a 4-dimensional expert subspace) and `close` (children at cosine
+0.8 to their parent), a few MoE seeds elsewhere; the tree's `uneven` parents (a TopK top level with k = 3
+fires 3 latents on rows with 1-3 events) and its `orthogonal` edges (spare top latents absorb one child's
+pattern and take that child). The budget is 1500 steps so that CI stays near 15 minutes; the MoE needs
+longer runs on `uneven`: its seed 1 finds 0.67 of the parents at 1500 steps, 0.75 at 2000, 0.92 at 3000.
 """
 
 from __future__ import annotations
@@ -43,16 +45,18 @@ pytestmark = pytest.mark.slow
 SEEDS = (0, 1, 2)
 # (arch, generator) -> (parents, children, edge precision) that every seed must reach
 FLOORS = {
-    ("moe", "centred"): (0.9, 0.9, 0.85),
+    ("moe", "centred"): (0.85, 0.75, 0.8),
     ("moe", "leaning"): (0.95, 0.9, 0.95),
-    ("moe", "uneven"): (0.9, 0.75, 0.85),
-    ("moe", "raw-scale"): (0.95, 0.95, 0.95),
-    ("moe", "orthogonal"): (0.95, 0.85, 0.85),
+    ("moe", "uneven"): (0.6, 0.5, 0.85),
+    ("moe", "raw-scale"): (0.9, 0.9, 0.95),
+    ("moe", "orthogonal"): (0.9, 0.85, 0.85),
+    ("moe", "close"): (0.9, 0.65, 0.9),
     ("tree", "centred"): (0.95, 0.95, 0.9),
-    ("tree", "leaning"): (0.95, 0.95, 0.95),
-    ("tree", "uneven"): (0.8, 0.85, 0.8),
-    ("tree", "raw-scale"): (0.95, 0.95, 0.95),
-    ("tree", "orthogonal"): (0.95, 0.85, 0.8),
+    ("tree", "leaning"): (0.95, 0.9, 0.95),
+    ("tree", "uneven"): (0.8, 0.7, 0.85),
+    ("tree", "raw-scale"): (0.95, 0.9, 0.95),
+    ("tree", "orthogonal"): (0.9, 0.95, 0.85),
+    ("tree", "close"): (0.95, 0.8, 0.95),
 }
 PAPER_VS_PROJECT = "leaning"
 
@@ -80,7 +84,7 @@ def test_defaults_recover_the_tree_of_every_generator(judged, arch, spec):
 @pytest.mark.parametrize("arch", ["moe", "tree"])
 def test_project_preset_finds_the_children_the_paper_preset_loses(judged, arch):
     """The independent hierarchy of issue 11 (leaning children with their own magnitudes), seed 0: the
-    paper's settings found 0.14 (moe) and 0.02 (tree) of the children, the project's 0.98 and 1.00."""
+    paper's settings found 0.02 (moe) and 0.01 (tree) of the children, the project's 0.95 and 0.95."""
     ours = judged[arch, PAPER_VS_PROJECT, 0, "project"]
     paper = judged[arch, PAPER_VS_PROJECT, 0, "paper"]
     assert ours.children_found >= paper.children_found + 0.4, (ours, paper)
