@@ -20,10 +20,10 @@ child; the constraint and the perturbation then tie together latents that need n
 
 Initial tree: none. With the project preset, at 30% of the run (`child_init_at`) every level below the top
 is initialised from data as children of the level above (`init_children`), which also sets the tree, its
-fresh encoders scaled to the sample and the old weights kept if the level would reconstruct more than twice
-as badly (`init_level`); later re-assignments move children as above. With the paper preset the first
-assignment happens at the first re-assignment step, once the levels have learned features; an assignment
-from the random initial encoders would couple unrelated latents through the constraint and the
+fresh encoders scaled to the sample and the old weights kept only if the fresh level would reconstruct worse
+than the sample's mean (`init_level`); later re-assignments move children as above. With the paper preset
+the first assignment happens at the first re-assignment step, once the levels have learned features; an
+assignment from the random initial encoders would couple unrelated latents through the constraint and the
 perturbation.
 
 Why the data initialisation: trained by gradient from a random start, a lower TopK level represents all of a
