@@ -22,7 +22,7 @@ import torch
 from tests.trainer.reference import moe_eqx
 from trainer.config import RunConfig
 from trainer.models import build_model
-from trainer.train import make_optimizer, train_step
+from trainer.train import make_autocast, make_optimizer, train_step
 
 D, F, K, C, S, B = 24, 10, 3, 5, 4, 96
 L1, ORTHO = 1e-3, 0.1
@@ -47,8 +47,7 @@ def _to_reference(ours, ref):
         return jnp.asarray(t.detach().numpy())
 
     return eqx.tree_at(
-        lambda m: (m.top_level_autoencoder.encoder, m.top_level_autoencoder.decoder, m.W_down, m.W_up,
-                   m.encoder_weights, m.decoder_weights),
+        _nodes,
         ref,
         (a(ours.W_enc_DF.T), a(ours.W_dec_FD.T), a(ours.P_down_FSD), a(ours.P_up_FSD.transpose(1, 2)),
          a(ours.E_enc_FCS), a(ours.D_dec_FCS.transpose(1, 2))),
@@ -122,7 +121,7 @@ def test_training_steps_equal_the_authors_training_steps():
     optimizer = optax.chain(optax.clip_by_global_norm(cfg.train.grad_clip), optax.adam(cfg.train.lr, b1=0.9))
     opt_state = optimizer.init(eqx.filter(ref, eqx.is_array))
     torch_opt, scheduler = make_optimizer(ours, cfg.train, total_steps=10**6)
-    autocast = torch.autocast("cpu", enabled=False)
+    autocast = make_autocast(torch.device("cpu"), torch.float32)
     before = _arrays(ref)
     for step, x in enumerate(_batches(5)):
         ref, opt_state, _, _ = moe_eqx.train_step(ref, jnp.asarray(x), opt_state, L1, 0.0, optimizer)
@@ -136,7 +135,11 @@ def test_training_steps_equal_the_authors_training_steps():
 PARAMS = ("encoder", "decoder", "W_down", "W_up", "encoder_weights", "decoder_weights")
 
 
-def _arrays(ref) -> list[np.ndarray]:
+def _nodes(ref) -> tuple:
+    """The reference model's arrays named in PARAMS, in that order."""
     top = ref.top_level_autoencoder
-    return [np.asarray(a) for a in (top.encoder, top.decoder, ref.W_down, ref.W_up, ref.encoder_weights,
-                                    ref.decoder_weights)]
+    return top.encoder, top.decoder, ref.W_down, ref.W_up, ref.encoder_weights, ref.decoder_weights
+
+
+def _arrays(ref) -> list[np.ndarray]:
+    return [np.asarray(a) for a in _nodes(ref)]
