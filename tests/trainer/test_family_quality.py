@@ -8,12 +8,12 @@ one single-threaded process per core (about 5 minutes on two cores). The floors 
 of the 3 seeds measured for each generator (see bench/bench_family.py for the ablation and the paper preset):
 
   moe          parents          children         edge precision    (seeds 0 / 1 / 2, this 2-core CPU)
-  centred      1.00 0.94 0.88   0.95 0.80 0.95   0.97 1.00 0.84
-  leaning      1.00 1.00 1.00   0.95 0.93 0.97   1.00 1.00 1.00
-  uneven       0.96 0.67 0.83   0.86 0.58 0.74   0.98 0.88 0.95
-  raw-scale    1.00 1.00 0.97   1.00 1.00 0.94   1.00 1.00 1.00
-  orthogonal   1.00 0.95 1.00   0.90 0.89 0.92   0.92 0.89 0.97
-  close        1.00 0.94 1.00   0.82 0.73 0.88   1.00 0.96 1.00
+  centred      1.00 1.00 1.00   0.92 0.98 0.94   0.98 0.98 1.00
+  leaning      1.00 1.00 1.00   0.99 1.00 0.98   1.00 1.00 1.00
+  uneven       1.00 0.75 0.92   0.87 0.58 0.78   1.00 0.93 0.95
+  raw-scale    1.00 1.00 1.00   1.00 1.00 1.00   1.00 1.00 1.00
+  orthogonal   1.00 1.00 1.00   0.94 0.94 0.96   0.95 0.91 0.93
+  close        1.00 1.00 1.00   0.74 0.78 0.92   1.00 1.00 1.00
   tree
   centred      1.00 1.00 1.00   1.00 1.00 0.97   0.97 0.97 0.94
   leaning      1.00 1.00 1.00   0.95 1.00 0.96   1.00 0.99 1.00
@@ -23,13 +23,14 @@ of the 3 seeds measured for each generator (see bench/bench_family.py for the ab
   close        1.00 1.00 1.00   0.92 0.96 0.86   1.00 1.00 1.00
 
 The issue's goal (>= 0.9 children, >= 0.95 parents, edge precision >= 0.9 on every generator) is met by the
-MoE on `leaning` and `raw-scale`, and by the tree on `centred`, `leaning` and `raw-scale`. What is left:
-the MoE's `uneven` (the most frequent parent, on ~44% of rows, splits into top-level fragments that the merge
-does not catch, and up to 8 children share a 4-dimensional expert subspace) and `close` (children at cosine
-0.8 to their parent), a few MoE seeds elsewhere; the tree's `uneven` parents (a TopK top level with k = 3
-fires 3 latents on rows with 1-3 events) and its `orthogonal` edges (spare top latents absorb one child's
-pattern and take that child). The budget is 1500 steps so that CI stays near 15 minutes; the MoE needs
-longer runs on `uneven`: its seed 1 finds 0.67 of the parents at 1500 steps, 0.75 at 2000, 0.92 at 3000.
+MoE on `centred`, `leaning`, `raw-scale` and `orthogonal`, and by the tree on `centred`, `leaning` and
+`raw-scale`. What is left: the MoE's `uneven` (the most frequent parent, on ~44% of rows, splits into
+top-level fragments that the merge does not catch, and up to 8 children share a 4-dimensional expert
+subspace) and `close` (children at cosine 0.8 to their parent: an expert with fewer true children than
+slots splits some of them over two slots, or one child's tokens scatter over all slots); the tree's
+`uneven` parents (a TopK top level with k = 3 fires 3 latents on rows with 1-3 events) and its `orthogonal`
+edges (spare top latents absorb one child's pattern and take that child). The budget is 1500 steps so that
+CI stays near 15 minutes.
 """
 
 from __future__ import annotations
@@ -45,12 +46,12 @@ pytestmark = pytest.mark.slow
 SEEDS = (0, 1, 2)
 # (arch, generator) -> (parents, children, edge precision) that every seed must reach
 FLOORS = {
-    ("moe", "centred"): (0.85, 0.75, 0.8),
-    ("moe", "leaning"): (0.95, 0.9, 0.95),
-    ("moe", "uneven"): (0.6, 0.5, 0.85),
-    ("moe", "raw-scale"): (0.9, 0.9, 0.95),
-    ("moe", "orthogonal"): (0.9, 0.85, 0.85),
-    ("moe", "close"): (0.9, 0.65, 0.9),
+    ("moe", "centred"): (0.95, 0.9, 0.95),
+    ("moe", "leaning"): (0.95, 0.95, 0.95),
+    ("moe", "uneven"): (0.7, 0.55, 0.9),
+    ("moe", "raw-scale"): (0.95, 0.95, 0.95),
+    ("moe", "orthogonal"): (0.95, 0.9, 0.88),
+    ("moe", "close"): (0.95, 0.7, 0.95),
     ("tree", "centred"): (0.95, 0.95, 0.9),
     ("tree", "leaning"): (0.95, 0.9, 0.95),
     ("tree", "uneven"): (0.8, 0.7, 0.85),
@@ -84,7 +85,7 @@ def test_defaults_recover_the_tree_of_every_generator(judged, arch, spec):
 @pytest.mark.parametrize("arch", ["moe", "tree"])
 def test_project_preset_finds_the_children_the_paper_preset_loses(judged, arch):
     """The independent hierarchy of issue 11 (leaning children with their own magnitudes), seed 0: the
-    paper's settings found 0.02 (moe) and 0.01 (tree) of the children, the project's 0.95 and 0.95."""
+    paper's settings found 0.02 (moe) and 0.01 (tree) of the children, the project's 0.99 and 0.95."""
     ours = judged[arch, PAPER_VS_PROJECT, 0, "project"]
     paper = judged[arch, PAPER_VS_PROJECT, 0, "paper"]
     assert ours.children_found >= paper.children_found + 0.4, (ours, paper)

