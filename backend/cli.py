@@ -57,6 +57,8 @@ def index_cmd(
         run_dir, db_url=_db_url(db), default_db_url=get_settings().resolved_database_url,
         corpus=corpus, tokens=tokens, name=name, replace=replace, device=device,
     )
+    if summary.run_id < 0:
+        return  # a rank other than 0 under torchrun: rank 0 speaks for the run
     print(f"indexed run {summary.name!r}: {summary.tokens:,} tokens in {summary.contexts:,} contexts "
           f"in {summary.seconds:.0f} s ({summary.tokens / summary.seconds:,.0f} tokens/s; database writes "
           f"{summary.write_seconds:.0f} s, {100 * summary.write_seconds / summary.seconds:.0f}%)")

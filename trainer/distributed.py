@@ -88,6 +88,17 @@ def broadcast_object(obj: Any) -> Any:
     return box[0]
 
 
+def gather_object(obj: Any) -> list[Any] | None:
+    """Every rank's `obj`, in rank order, on rank 0 (None on the others); [obj] without torchrun. Over NCCL
+    the objects travel through this rank's current CUDA device, which `init_from_env` sets."""
+    world = current()
+    if not world.parallel:
+        return [obj]
+    box: list[Any] | None = [None] * world.size if world.is_main else None
+    dist.gather_object(obj, box, dst=0)
+    return box
+
+
 @torch.no_grad()
 def broadcast_module(module: torch.nn.Module) -> None:
     """Every parameter and buffer of `module` (already on the training device) from rank 0."""

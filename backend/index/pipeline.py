@@ -1,5 +1,8 @@
 """`hsae index`: open the checkpoint, make sure the database can take the run, index the checkpoint
-(trainer.index.pipeline, which knows nothing of databases), and publish the run in one atomic step."""
+(trainer.index.pipeline, which knows nothing of databases), and publish the run in one atomic step.
+
+Under torchrun every rank indexes its share of the contexts and rank 0 alone, having merged them, touches
+the database (`torchrun --nproc-per-node N hsae index RUN`; gloo on CPU, NCCL on GPUs)."""
 
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ from tqdm import tqdm
 
 from backend.db.session import db_upgrade, open_database, same_database
 from backend.index.writer import write_run
-from trainer import checkpoint
+from trainer import checkpoint, distributed
 from trainer.index.accumulate import IndexConfig
 from trainer.index.pipeline import check_run_name, index_run
 from trainer.index.saelens import DEFAULT_UNASSIGNED, check_model, index_saes, load_model_for, open_saes
@@ -92,11 +95,28 @@ def index_checkpoint(
     device: str = "auto",
     config: IndexConfig | None = None,
 ) -> IndexSummary:
+    """Under torchrun, ranks other than 0 return a summary with run_id -1 once their share is merged."""
+    world, joined = distributed.init_from_env(device)
+    try:
+        return _index_checkpoint(run_dir, db_url, default_db_url, corpus, tokens, name, replace, device,
+                                 config, world)
+    finally:
+        if joined:
+            distributed.close()
+
+
+def _index_checkpoint(run_dir, db_url, default_db_url, corpus, tokens, name, replace, device, config,
+                      world: distributed.World) -> IndexSummary:
     started = time.perf_counter()
     ckpt = checkpoint.open(Path(run_dir).resolve(), device=resolve_device(device))
-    # Before the long part: a database that cannot take it stops here.
-    prepare_database(db_url, default_db_url)
+    # Before the long part: a database that cannot take it stops here (rank 0 alone touches it; a refusal
+    # there stops the others at the gather, as their group goes away).
+    if world.is_main:
+        prepare_database(db_url, default_db_url)
     indexed = index_run(ckpt, corpus=corpus, tokens=tokens, name=name, device=device, config=config)
+    if indexed is None:
+        return IndexSummary(run_id=-1, name=name or Path(run_dir).name, tokens=0, contexts=0,
+                            seconds=time.perf_counter() - started)
     writing = time.perf_counter()
     run_id = _write(db_url, indexed, replace)
     done = time.perf_counter()

@@ -77,6 +77,13 @@ class ContextStore:
         self._ids, self._tokens = self._ids[keep], self._tokens[keep]
         self._doc_ids, self._starts = self._doc_ids[keep], self._starts[keep]
 
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(ids [C], token ids [C, T], doc ids [C], starts [C]) of every context held: what another process's
+        store takes in `add` (a store itself does not pickle: its decoder is a closure)."""
+        self._consolidate()
+        tokens = self._tokens if self._tokens is not None else np.empty((0, 0), np.int32)
+        return self._ids, tokens, self._doc_ids, self._starts
+
     def __len__(self) -> int:
         return len(self._ids) + sum(len(chunk[0]) for chunk in self._chunks)
 

@@ -5,6 +5,12 @@ backend's business (backend/index), so the trainer never touches one.
 
 Activations come from the shard cache when it already holds them (same model, layer, corpus, context length),
 so indexing right after training on the same corpus runs no language model forward at all.
+
+Under torchrun (`torchrun --nproc-per-node N hsae index RUN`) the ranks split the work by context: rank r
+encodes and accumulates the contexts whose id is r modulo N (whole contexts, as the accumulator needs), in
+its own accumulator and context store; rank 0 gathers them, merges (the accumulators' merge is exact: the
+same result as one process over every context) and alone goes on to publish. Rank 0 fills a missing
+activation cache first and the others then read it.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from trainer import distributed
 from trainer.activations import DEFAULT_CONTEXT_LEN, PAD, ActivationCache
 from trainer.checkpoint import Checkpoint
 from trainer.errors import HSAEError
@@ -75,9 +82,10 @@ def index_run(
     name: str | None = None,
     device: str = "auto",
     config: IndexConfig | None = None,
-) -> IndexedRun:
+) -> IndexedRun | None:
     """Index an opened checkpoint (`checkpoint.open(run_dir)`) on `tokens` tokens of `corpus` (default: the
-    corpus it was trained on), rounded up to whole contexts."""
+    corpus it was trained on), rounded up to whole contexts. Under torchrun every rank calls this; rank 0
+    gets the whole run, the others None (see the module's docstring)."""
     model, model_info = ckpt.model, ckpt.model_info
     run_dir = ckpt.run_dir.resolve()
     if not model_info.name:
@@ -98,8 +106,10 @@ def index_run(
     display = token_display_table(lm.tokenizer)
     dev = next(model.parameters()).device
     max_norm = ckpt.max_norm  # massive activations get no features, as in training
-    store, n_rows, n_contexts, n_outliers = stream_codes(
-        cache, tokens, acc, display, lambda acts_ND: _encode(model, acts_ND, dev, max_norm))
+    streamed = stream_codes(cache, tokens, acc, display, lambda x_ND: _encode(model, x_ND, dev, max_norm))
+    if streamed is None:
+        return None  # a rank other than 0: its share went to rank 0
+    store, n_rows, n_contexts, n_outliers = streamed
     result = acc.result()
     store.retain(result.context_ids())
 
@@ -137,11 +147,18 @@ Encoder = Callable[[np.ndarray], tuple[list[tuple[np.ndarray, np.ndarray]], int]
 
 def stream_codes(
     cache: ActivationCache, tokens: int, acc: IndexAccumulator, display: list[str], encode: Encoder
-) -> tuple[ContextStore, int, int, int]:
+) -> tuple[ContextStore, int, int, int] | None:
     """Feed `tokens` tokens of the cache's corpus (rounded up to whole contexts), encoded by `encode` (per
     level (indices, values), and how many rows were left out as massive), into `acc`; return the contexts
-    the accumulator may still show, and how many rows, contexts and massive rows it saw."""
+    the accumulator may still show, and how many rows, contexts and massive rows it saw. Under torchrun each
+    rank feeds its share of the contexts, and rank 0 returns all ranks' merged into its own `acc` (the
+    others return None)."""
+    world = distributed.current()
+    if not world.is_main:
+        distributed.barrier()  # rank 0 fills the activation cache first; the others then read it
     source = cache.ensure(tokens)
+    if world.is_main:
+        distributed.barrier()
     contexts = cache.contexts(tokens)  # what ensure() just used; None would tokenize the whole corpus
     doc_ids = np.asarray(contexts.doc_ids, dtype=object)
     store = ContextStore(lambda ids: [display[i] for i in ids if i != PAD])
@@ -149,11 +166,17 @@ def stream_codes(
     # whole contexts. The token budget is rounded up to the end of the context it falls in.
     end_ctx = int(source.read_meta(source.num_rows - 1, source.num_rows)[0, 0])
     n_rows, n_contexts, n_outliers = 0, 0, 0
-    with tqdm(total=source.num_rows, desc="indexing", unit="tok", unit_scale=True) as bar:
+    with tqdm(total=source.num_rows, desc="indexing", unit="tok", unit_scale=True,
+              disable=not world.is_main) as bar:
         for chunk_no, (acts, meta) in enumerate(zip(source.acts, source.rows, strict=True)):
-            keep = np.asarray(meta[:, 0]) <= end_ctx
+            context_N = np.asarray(meta[:, 0])
+            keep = context_N <= end_ctx
             if not keep.any():
                 break
+            bar.update(int(keep.sum()))  # the corpus's progress, whichever rank encodes the rows
+            keep &= context_N % world.size == world.rank
+            if not keep.any():
+                continue
             acts_ND, meta_N2 = np.asarray(acts[keep], dtype=np.float32), np.asarray(meta[keep])
             codes, outliers = encode(acts_ND)
             n_outliers += outliers
@@ -165,7 +188,17 @@ def stream_codes(
                 store.retain(acc.kept_context_ids())
             n_rows += len(acts_ND)
             n_contexts += len(ctx_ids)
-            bar.update(len(acts_ND))
+    if not world.parallel:
+        return store, n_rows, n_contexts, n_outliers
+    store.retain(acc.kept_context_ids())
+    shares = distributed.gather_object((acc, store.arrays(), n_rows, n_contexts, n_outliers))
+    if shares is None:
+        return None
+    for other, arrays, rows, n_ctx, outliers in shares[1:]:
+        acc.merge(other)
+        if len(arrays[0]):
+            store.add(arrays[0], arrays[1], arrays[2].tolist(), arrays[3])
+        n_rows, n_contexts, n_outliers = n_rows + rows, n_contexts + n_ctx, n_outliers + outliers
     return store, n_rows, n_contexts, n_outliers
 
 

@@ -269,7 +269,9 @@ def index_saes(
     cache = ActivationCache(lm, corpus, DEFAULT_CONTEXT_LEN)
     acc = IndexAccumulator(family.level_widths, (), config or IndexConfig())
     display = token_display_table(lm.tokenizer)
-    store, n_rows, n_contexts, _ = stream_codes(cache, tokens, acc, display, family.encode)
+    streamed = stream_codes(cache, tokens, acc, display, family.encode)
+    assert streamed is not None  # `index-sae` runs as one process (it never joins a torchrun group)
+    store, n_rows, n_contexts, _ = streamed
     infer_tree(acc, unassigned_fraction)
     result = acc.result()
     store.retain(result.context_ids())
