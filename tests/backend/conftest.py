@@ -5,6 +5,8 @@ engineers' test sessions on the same server never see them.
 - `db_url`: a database of the parametrized backend, migrated to head, shared by the session (tests use
   distinct run names).
 - `empty_db_url`: a brand-new empty database of the parametrized backend, for migration tests.
+- `corpus`: three short text files (about 350 tokens) that the real SmolLM2 runs through in seconds, one
+  folder per test module.
 """
 
 from __future__ import annotations
@@ -109,3 +111,16 @@ def empty_db_url(db_backend, postgres_server, tmp_path) -> str:
     if db_backend == "sqlite":
         return f"sqlite:///{tmp_path / 'empty.db'}"
     return _require(postgres_server).create_database()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> str:
+    folder = tmp_path_factory.mktemp("index-corpus")
+    texts = {
+        "animals.txt": "The cat chased the mouse. The dog barked at the cat. Birds sing in the morning. " * 5,
+        "cities.txt": "Paris, London and Berlin are capitals. Rome is old. Tokyo is large and busy. " * 5,
+        "numbers.txt": "One, two, three, four, five. Seven plus eight is fifteen. Ten times ten. " * 5,
+    }
+    for name, text in texts.items():
+        (folder / name).write_text(text)
+    return str(folder)

@@ -28,19 +28,6 @@ TOP_K = 4
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("index-corpus")
-    texts = {
-        "animals.txt": "The cat chased the mouse. The dog barked at the cat. Birds sing in the morning. " * 5,
-        "cities.txt": "Paris, London and Berlin are capitals. Rome is old. Tokyo is large and busy. " * 5,
-        "numbers.txt": "One, two, three, four, five. Seven plus eight is fifteen. Ten times ten. " * 5,
-    }
-    for name, text in texts.items():
-        (folder / name).write_text(text)
-    return str(folder)
-
-
-@pytest.fixture(scope="module")
 def trained_run(corpus, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("runs") / "moe-small"
     cfg = RunConfig(

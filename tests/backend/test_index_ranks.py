@@ -23,19 +23,6 @@ TOKENS = 100_000
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("ranks-corpus")
-    texts = {
-        "animals.txt": "The cat chased the mouse. The dog barked at the cat. Birds sing in the morning. " * 6,
-        "cities.txt": "Paris, London and Berlin are capitals. Rome is old. Tokyo is large and busy. " * 6,
-        "numbers.txt": "One, two, three, four, five. Seven plus eight is fifteen. Ten times ten. " * 6,
-    }
-    for name, text in texts.items():
-        (folder / name).write_text(text)
-    return str(folder)
-
-
-@pytest.fixture(scope="module")
 def trained_run(corpus, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("ranks-runs") / "tree-small"
     cfg = RunConfig(
