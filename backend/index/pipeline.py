@@ -109,8 +109,8 @@ def _index_checkpoint(run_dir, db_url, default_db_url, corpus, tokens, name, rep
                       world: distributed.World) -> IndexSummary:
     started = time.perf_counter()
     ckpt = checkpoint.open(Path(run_dir).resolve(), device=resolve_device(device))
-    # Before the long part: a database that cannot take it stops here (rank 0 alone touches it; a refusal
-    # there stops the others at the gather, as their group goes away).
+    # Before the long part: a database that cannot take it stops here (rank 0 alone touches it; when rank 0
+    # exits with that error, torchrun stops the other ranks).
     if world.is_main:
         prepare_database(db_url, default_db_url)
     indexed = index_run(ckpt, corpus=corpus, tokens=tokens, name=name, device=device, config=config)
