@@ -132,8 +132,60 @@ class ArchConfig:
 
     expert_init_at: list[float] = field(default_factory=lambda: [0.1, 0.3, 0.5])
     """`moe`: fractions of the run at which experts are re-initialised from data (top-s principal directions
-    of what their parent leaves unexplained, children by spherical k-means in that subspace): all experts the
-    first time, later only experts with a starved child. Empty = never (the paper: random init only)."""
+    of what their parent leaves unexplained, children by spherical k-means in that subspace); which experts,
+    see `expert_reinit`. Empty = never (the paper: random init only). A late round (0.8) with
+    `expert_reinit="all"` and `child_separation=2` finds more children on the synthetic family (the worst seed
+    of `close` 0.74 -> 0.88, of `uneven` 0.58 -> 0.75), since children found on parents that were still
+    moving drift apart again; on SmolLM2 the same settings cost 0.07 of held-out explained variance (0.813 ->
+    0.742, bench/bench_real.py): redone late, experts that partition a continuum do not recover in the 20% of
+    the run left. So they are options, not defaults (README, "Presets")."""
+
+    expert_reinit: Literal["all", "starved"] = "starved"
+    """`moe`: which experts the rounds after the first redo: every expert, or only those with a starved child
+    (one that takes less than 1/(4C) of its expert's tokens). A parent can swallow one of its children (its
+    decoder row leans towards that child, whose tokens then scatter over every slot), and such an expert has
+    no starved child."""
+
+    refit_parents: bool = True
+    """`moe`: before each expert initialisation, move every parent's decoder row towards the least-squares
+    direction of what it reconstructs (the mean of its tokens' residual plus its own part, one Jacobi step
+    over the sample, line-searched): the centre of its children, not one of them. On SmolLM2 it took held-out
+    explained variance from 0.774 to 0.778 and dead children from 8.9% to 7.1%; on the family the worst seed
+    from 0.58 to 0.62 of the children, the mean unchanged (0.91)."""
+
+    expert_blind_to_parent: bool = False
+    """`moe`: keep each expert's read-out P↓_j orthogonal to its parent's decoder row d_j (projected after
+    every optimizer step, as unit-norm decoders are), so that which child wins depends on what sets siblings
+    apart, never on how strongly the parent itself is present. Trained freely, P↓ turns towards d_j, where
+    most of the expert's residual is (the parent's own magnitude error), and the children found at an expert
+    initialisation scatter: on the synthetic `close` generator (seed 1) children found fell from 0.93 right
+    after the last initialisation to 0.60 at the end of the run; blind to the parent they stayed at 0.90.
+    Off by default: it matters with the late round (`expert_init_at`); without that round it found fewer
+    children on the family (mean 0.89 against 0.91 with the refit alone)."""
+
+    child_separation: float = 0.0
+    """`moe`: at each expert initialisation, two of an expert's k-means clusters are merged (the freed slot
+    left dormant) when their tokens are not separated: the gap between the two clusters' mean cosine
+    contrast is below this many times the sum of its standard deviations (a cluster split in two halves
+    scores about 1.3), and together they are tight (`child_tightness`). 0 (the default) = keep every slot.
+    An expert with fewer true children than slots otherwise splits some of them in two, neither half their
+    match (2.0 is the value measured on the synthetic family); on SmolLM2 it left 10-17% of the children
+    dormant, and a dormant child is a dead one."""
+
+    child_tightness: float = 0.9
+    """`moe`: two clusters are merged only when their tokens' directions lie this close to their joint
+    centroid (mean cosine, weighted by norm). On SmolLM2's residuals most neighbouring clusters fail it
+    (they partition a continuum, median 0.81) and keep their slots; a true child split in two passes it."""
+
+    promoted_share: float = 1.0
+    """`moe`: at each expert initialisation, a top-level latent that fires together with one more frequent
+    latent on at least this share of its rows (at least twice that latent's base rate) is a child promoted to
+    the top level: it is freed and re-seeded on a badly reconstructed token, and the other latent's expert
+    takes its tokens. 1 (the default) = never. Measured on the synthetic family's uneven generator, the most
+    frequent parent (on 44% of rows) otherwise kept four of its children as top-level latents beside itself,
+    and the freed latents found the rare parents that had shared latents. On SmolLM2, where distinct
+    features co-fire far above their base rates, 0.5 (with `expert_blind_to_parent`) took dead children from
+    7% to 17%."""
 
     merge_cos: float = 0.5
     """`moe`/`tree`: at each data re-initialisation (`expert_init_at` / `child_init_at`), top-level latents
@@ -246,8 +298,15 @@ class ArchConfig:
                 f"coef_warmup_steps must be >= 0, got {self.coef_warmup_steps}",
             )
             _check(self.child_l1 in ("kept", "all"), f"child_l1 must be kept or all, got {self.child_l1!r}")
-            for name in ("l1_coef", "ortho_coef", "top_recon_coef"):
+            for name in ("l1_coef", "ortho_coef", "top_recon_coef", "child_separation"):
                 _check(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+            _check(
+                self.expert_reinit in ("all", "starved"),
+                f"expert_reinit must be all or starved, got {self.expert_reinit!r}",
+            )
+            for name in ("child_tightness", "promoted_share"):
+                value = getattr(self, name)
+                _check(0 <= value <= 1, f"{name} must be in [0, 1], got {value}")
         for name in ("expert_init_at", "child_init_at"):
             fractions = [float(f) for f in getattr(self, name)]
             setattr(self, name, fractions)
@@ -406,7 +465,12 @@ PRESETS: dict[str, dict[str, dict[str, dict[str, Any]]]] = {
     },
     "paper": {
         "moe": {
-            "arch": {"center": False, "child_l1": "all", "expert_init_at": [], "merge_cos": 1.0},
+            "arch": {
+                "center": False, "child_l1": "all", "expert_init_at": [], "merge_cos": 1.0,
+                "expert_reinit": "starved", "refit_parents": False, "child_separation": 0.0,
+                "expert_blind_to_parent": False,
+                "promoted_share": 1.0,
+            },
             "train": {"lr": 5e-4},
         },
         "tree": {

@@ -113,3 +113,25 @@ def test_merge_cos_is_a_cosine():
     assert RunConfig.compose({"arch": "moe"}, {}, "paper").arch.merge_cos == 1.0
     with pytest.raises(ConfigError, match="merge_cos must be a cosine"):
         ArchConfig(arch="moe", merge_cos=1.5)
+
+
+def test_moe_expert_init_ingredients_are_the_projects_and_checked():
+    """The expert-initialisation ingredients the project adopted are on in its preset, off in the paper's
+    (which keeps the authors' random init), and a value outside its range is refused with the field named."""
+    project = RunConfig.compose({"arch": "moe"}, {}, "project").arch
+    paper = RunConfig.compose({"arch": "moe"}, {}, "paper").arch
+    assert project.refit_parents and not paper.refit_parents
+    # options that found more children on the synthetic family but cost explained variance or children on
+    # SmolLM2: off in both
+    for arch in (project, paper):
+        assert arch.expert_reinit == "starved" and arch.child_separation == 0
+        assert 0.8 not in arch.expert_init_at
+        assert not arch.expert_blind_to_parent and arch.promoted_share == 1
+    for fields, message in [
+        ({"expert_reinit": "some"}, "expert_reinit must be all or starved"),
+        ({"child_separation": -1.0}, "child_separation must be >= 0"),
+        ({"child_tightness": 1.5}, r"child_tightness must be in \[0, 1\]"),
+        ({"promoted_share": -0.1}, r"promoted_share must be in \[0, 1\]"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            ArchConfig(arch="moe", **fields)

@@ -285,7 +285,9 @@ class HSAE(nn.Module):
     @classmethod
     def from_checkpoint(cls, cfg: dict[str, Any], state: dict[str, Tensor]) -> HSAE:
         model = cls(ArchConfig.from_dict(cfg["arch"]), int(cfg["d_in"]))
-        state = {"input_mean_D": model.input_mean_D, **state}  # checkpoints from before centring: no mean
+        # buffers added since a checkpoint was written (the input mean, the MoE's dormant slots) keep the
+        # values a fresh model starts with
+        state = {**dict(model.named_buffers()), **state}
         model.load_state_dict(state)
         return model
 
@@ -373,3 +375,105 @@ def merge_pair(W_enc_DF: Tensor, W_dec_FD: Tensor, keep: int, free: int, n_keep:
     seed_D = unit_rows(seed_D)
     W_dec_FD[free] = seed_D
     W_enc_DF[:, free] = seed_D * W_enc_DF.norm(dim=0).mean()
+
+
+# a promoted child fires with its parent at least this many times the parent's base rate
+PROMOTED_MIN_LIFT = 2.0
+PROMOTED_MIN_ROWS = 8
+
+
+@torch.no_grad()
+def promoted_children(indices_NK: Tensor, width: int, min_share: float) -> list[tuple[int, int]]:
+    """(child, parent) pairs of top-level latents where `child` fires together with the more frequent
+    `parent` on at least `min_share` of its rows, and at least PROMOTED_MIN_LIFT times as often as `parent`
+    fires at large: a child that the top level learned beside its parent (the flat SAE's absorption, one
+    level up). Each latent is in at most one pair, rarest children first.
+
+    Why: with spare top-level slots (k above a token's number of parents), a frequent parent's children are
+    cheaper to reconstruct as top-level latents than rare parents are; the children then never reach the
+    parent's expert, and rare parents share latents. Distinct parents fire together near their base rates."""
+    fire_NF = torch.zeros(indices_NK.shape[0], width + 1, device=indices_NK.device)
+    fire_NF.scatter_(1, torch.where(indices_NK >= 0, indices_NK, width), 1.0)
+    fire_NF = fire_NF[:, :width]
+    n_F = fire_NF.sum(0)
+    both_FF = (fire_NF.T @ fire_NF).fill_diagonal_(0)
+    share_FF = both_FF / n_F.clamp_min(1)[:, None]  # [child, parent]: P(parent | child)
+    lift_FF = share_FF / (n_F / len(fire_NF)).clamp_min(EPS)[None, :]
+    ok_FF = (share_FF >= min_share) & (lift_FF >= PROMOTED_MIN_LIFT)
+    ok_FF &= (n_F[None, :] > n_F[:, None]) & (n_F[:, None] >= PROMOTED_MIN_ROWS)
+    pairs, taken = [], set()
+    for child in torch.argsort(n_F).tolist():
+        if child in taken or not bool(ok_FF[child].any()):
+            continue
+        parent = int(torch.where(ok_FF[child], share_FF[child], -1.0).argmax())
+        if parent in taken:
+            continue
+        taken.add(child)
+        pairs.append((child, parent))
+    return pairs
+
+
+def merge_unseparated(
+    u_NS: Tensor, centroids_CS: Tensor, min_separation: float, min_tightness: float, lloyd_steps: int = 5
+) -> tuple[Tensor, Tensor]:
+    """Merges spherical k-means clusters of `u_NS` that are one cluster cut in two; returns (centroids,
+    alive bool [C]), dead clusters' centroids unchanged.
+
+    A pair (a, b) is merged when both (vectorised over all pairs, the lowest separation first, a few Lloyd
+    steps after each merge):
+    - its tokens are not separated: along t = cos(u, c_a) − cos(u, c_b), |mean_a − mean_b| is less than
+      `min_separation` × (std_a + std_b) (one Gaussian cut in two halves scores 1.3; well separated clusters
+      several times that), and
+    - together they are tight: ‖Σ u‖ / Σ ‖u‖ over both ≥ `min_tightness`. A continuum cut into cells fails
+      this (on SmolLM2's expert residuals two neighbouring cells score 0.81 at the median), so its slots stay;
+      the two halves of one true child pass it."""
+    C = len(centroids_CS)
+    unit_NS = unit_rows(u_NS)
+    norms_N = u_NS.norm(dim=-1)
+    centroids_CS = centroids_CS.clone()
+    alive_C = torch.ones(C, dtype=torch.bool, device=u_NS.device)
+    upper_CC = torch.ones(C, C, dtype=torch.bool, device=u_NS.device).triu(1)
+    while int(alive_C.sum()) > 1:
+        separation_CC, tight_CC, n_C = _pair_statistics(u_NS, unit_NS, norms_N, centroids_CS, alive_C)
+        candidate_CC = upper_CC & alive_C[:, None] & alive_C[None, :] & (tight_CC >= min_tightness)
+        separation_CC = separation_CC.masked_fill(~candidate_CC, float("inf"))
+        a, b = divmod(int(separation_CC.argmin()), C)
+        if not float(separation_CC[a, b]) < min_separation:
+            break
+        alive_C[b if n_C[a] >= n_C[b] else a] = False
+        for _ in range(lloyd_steps):
+            assign_N = (unit_NS @ centroids_CS.T).masked_fill(~alive_C, -2.0).argmax(-1)
+            sums_CS = torch.zeros_like(centroids_CS).index_add_(0, assign_N, u_NS)
+            norms_C1 = sums_CS.norm(dim=-1, keepdim=True)
+            moved_C1 = (norms_C1 > 0) & alive_C[:, None]
+            centroids_CS = torch.where(moved_C1, sums_CS / norms_C1.clamp_min(EPS), centroids_CS)
+    return centroids_CS, alive_C
+
+
+def _pair_statistics(
+    u_NS: Tensor, unit_NS: Tensor, norms_N: Tensor, centroids_CS: Tensor, alive_C: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """For the clusters of `u_NS` by nearest alive centroid: ([C, C] separation of each pair, [C, C] their
+    joint tightness, [C] token counts); see `merge_unseparated`."""
+    C = len(centroids_CS)
+    cos_NC = (unit_NS @ centroids_CS.T).masked_fill(~alive_C, -2.0)
+    assign_N = cos_NC.argmax(-1)
+    cos_NC = cos_NC.masked_fill(~alive_C, 0.0)
+    A_NC = F.one_hot(assign_N, C).to(u_NS.dtype)
+    n_C = A_NC.sum(0)
+    # contrast_NC[i, b] = cos(u_i, its own centroid) − cos(u_i, c_b); its mean and spread over a's
+    # tokens are [a, b] (two passes: cosines near 1 leave nothing to a difference of sums of squares)
+    contrast_NC = cos_NC.gather(1, assign_N[:, None]) - cos_NC
+    count_C1 = n_C.clamp_min(1)[:, None]
+    mean_CC = (A_NC.T @ contrast_NC) / count_C1
+    std_CC = ((A_NC.T @ (contrast_NC - mean_CC[assign_N]).pow(2)) / count_C1).sqrt()
+    separation_CC = (mean_CC + mean_CC.T) / (std_CC + std_CC.T).clamp_min(EPS)
+    few_C = n_C < 2
+    separation_CC = separation_CC.masked_fill(few_C[:, None] | few_C[None, :], 0.0)
+    sums_CS = A_NC.T @ u_NS
+    mass_C = A_NC.T @ norms_N
+    gram_CC = sums_CS @ sums_CS.T
+    joint_CC = (gram_CC.diagonal()[:, None] + gram_CC.diagonal()[None, :] + 2 * gram_CC).clamp_min(0)
+    tight_CC = joint_CC.sqrt() / (mass_C[:, None] + mass_C[None, :]).clamp_min(EPS)
+    return separation_CC, tight_CC, n_C
+

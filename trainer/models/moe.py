@@ -29,6 +29,8 @@ from trainer.models.base import (
     StepOutput,
     fragment_pairs,
     merge_pair,
+    merge_unseparated,
+    promoted_children,
     sparse_decode,
     spherical_kmeans,
     tokens_like,
@@ -159,6 +161,63 @@ def merge_fragments(model: MoEHSAE, x_BD: Tensor, min_cos: float, rounds: int = 
 
 
 @torch.no_grad()
+def free_promoted_children(model: MoEHSAE, x_BD: Tensor, min_share: float) -> list[int]:
+    """Frees the top-level latents that are children promoted beside their parent (`promoted_children`):
+    each is re-seeded on the residual of a badly reconstructed sample token, as dead latents are resampled,
+    and its parent's expert (returned, to be re-initialised) takes its tokens."""
+    codes, kept, _, _ = model._codes(x_BD)
+    pairs = promoted_children(codes[0].indices, model.n_parents, min_share)
+    if not pairs:
+        return []
+    residual_BD = x_BD - model.decode(codes, level=0) - model._decode_child_code(kept)
+    generator = torch.Generator(device=x_BD.device).manual_seed(len(x_BD) + 1)
+    rows = torch.multinomial(residual_BD.pow(2).sum(-1), len(pairs), generator=generator).tolist()
+    gain = model.W_enc_DF.norm(dim=0).mean()
+    for (child, _), row in zip(pairs, rows):
+        seed_D = unit_rows(residual_BD[row])
+        model.W_dec_FD[child] = seed_D
+        model.W_enc_DF[:, child] = seed_D * gain
+    return [parent for _, parent in pairs]
+
+
+REFIT_STEPS = (1.0, 0.5, 0.25, 0.125, 0.0)
+
+
+@torch.no_grad()
+def refit_parent_decoders(model: MoEHSAE, x_BD: Tensor) -> None:
+    """Moves each parent's decoder row to the direction that best reconstructs, with the other parents
+    fixed, what it is there for: Σ over its tokens of z·(residual + z·d), one Jacobi step of least squares
+    for the top level. Parents with fewer than 4·C sample tokens keep theirs.
+
+    Why: trained with experts that had not yet found a child, a parent's row leans towards that child
+    (measured on the synthetic family's `close` generator: decoder cosine 0.87 with one child, 0.75-0.77
+    with its siblings); that child's tokens then leave almost nothing in the expert's subspace and scatter
+    over its slots. Refitted, the row is the centre of its children again."""
+    codes, _, _, _ = model._codes(x_BD)
+    parent = codes[0]
+    on_BK = parent.indices >= 0
+    residual_BD = x_BD - model.decode(codes, level=0)
+    experts_N, values_N = parent.indices[on_BK], parent.values[on_BK]
+    tokens_N = tokens_like(parent.indices)[on_BK]
+    share_ND = values_N[:, None] * residual_BD[tokens_N]
+    target_FD = torch.zeros_like(model.W_dec_FD).index_add_(0, experts_N, share_ND)
+    weight_F = torch.zeros_like(model.W_dec_FD[:, 0]).index_add_(0, experts_N, values_N.pow(2))
+    target_FD += weight_F[:, None] * model.W_dec_FD
+    enough_F = torch.bincount(experts_N, minlength=model.n_parents) >= 4 * model.n_children
+    old_FD = model.W_dec_FD[enough_F].clone()
+    fresh_FD = unit_rows(target_FD[enough_F])
+
+    def error(step: float) -> float:
+        model.W_dec_FD[enough_F] = unit_rows((1 - step) * old_FD + step * fresh_FD)
+        return float((x_BD - model.decode(codes, level=0)).pow(2).sum())
+
+    # all parents step at once, each as if the others stayed: with k parents per token sharing what is left
+    # (k = 32 on SmolLM2), the full step overshoots (explained variance 0.71 -> 0.14 after 300 steps), so
+    # the step is the one of REFIT_STEPS (0: none) that reconstructs the sample best from the parents alone
+    error(min(REFIT_STEPS, key=error))
+
+
+@torch.no_grad()
 def init_experts(model: MoEHSAE, x_BD: Tensor, only_starved: bool, also: Collection[int] = ()) -> int:
     """Re-initialises experts from data. For each parent j, the residuals x − x̂_top of the sample tokens
     where j fires, less their part along j's decoder row d_j, give the subspace: P↓_j = P↑_jᵀ span the s
@@ -192,9 +251,7 @@ def init_experts(model: MoEHSAE, x_BD: Tensor, only_starved: bool, also: Collect
     counts_F = torch.bincount(experts_N, minlength=model.n_parents)
     starts_F = (counts_F.cumsum(0) - counts_F).tolist()
     if only_starved:
-        on = kept.indices >= 0
-        use_FC = torch.bincount(kept.indices[on], minlength=model.n_parents * C).view(-1, C).float()
-        starved_F = (use_FC < use_FC.sum(1, keepdim=True) / (4 * C)).any(1)
+        starved_F = _starved_experts(model, kept)
     generator = torch.Generator(device=x_BD.device).manual_seed(int(counts_F.sum()))
     whiten_DD = _inverse_sqrt(residual_BD.T @ residual_BD / len(residual_BD))
     redone = []
@@ -214,22 +271,37 @@ def init_experts(model: MoEHSAE, x_BD: Tensor, only_starved: bool, also: Collect
         basis_SD = torch.linalg.qr(specific_SD.T).Q.T
         r_nS = R_nD @ basis_SD.T
         centroids_CS = spherical_kmeans(r_nS, C, generator)
+        alive_C = torch.ones(C, dtype=torch.bool, device=x_BD.device)
+        if model.cfg.child_separation > 0:
+            centroids_CS, alive_C = merge_unseparated(
+                r_nS, centroids_CS, model.cfg.child_separation, model.cfg.child_tightness
+            )
         # encoder: the centroids (the argmax child is then the nearest one), times the least-squares factor
         # that reads, from the input's projection (what the expert sees), each token's residual along its
         # nearest centroid (what its child should add). A least-squares read-out per child would mask most
-        # of them: 16 classes in 4 dimensions, a few always win the argmax.
-        nearest_n = (unit_rows(r_nS) @ centroids_CS.T).argmax(-1)
+        # of them: 16 classes in 4 dimensions, a few always win the argmax. A dormant slot (merged away)
+        # gets a zero encoder: it wins only where every other child would be negative, and then adds 0.
+        nearest_n = (unit_rows(r_nS) @ centroids_CS.T).masked_fill(~alive_C, -2.0).argmax(-1)
         target_n = (r_nS * centroids_CS[nearest_n]).sum(-1).clamp_min(0)
         read_n = ((x_BD[tokens_n] @ basis_SD.T) * centroids_CS[nearest_n]).sum(-1)
         gain = float((read_n * target_n).sum() / read_n.pow(2).sum().clamp_min(EPS))
         model.P_down_FSD[j] = basis_SD
         model.P_up_FSD[j] = basis_SD
-        model.E_enc_FCS[j] = centroids_CS * max(gain, 0.0)
+        model.E_enc_FCS[j] = centroids_CS * max(gain, 0.0) * alive_C[:, None]
         model.D_dec_FCS[j] = centroids_CS
+        model.dormant_FC[j] = ~alive_C
         redone.append(j)
     if redone:
         _calibrate(model, x_BD, torch.tensor(redone, device=x_BD.device))
     return len(redone)
+
+
+def _starved_experts(model: MoEHSAE, kept: LevelCode) -> Tensor:
+    """bool [F]: experts with a child that takes less than 1/(4C) of the expert's tokens."""
+    C = model.n_children
+    on = kept.indices >= 0
+    use_FC = torch.bincount(kept.indices[on], minlength=model.n_parents * C).view(-1, C).float()
+    return (use_FC < use_FC.sum(1, keepdim=True) / (4 * C)).any(1)
 
 
 def _calibrate(model: MoEHSAE, x_BD: Tensor, experts: Tensor) -> float:
@@ -312,6 +384,9 @@ class MoEHSAE(HSAE):
         E_enc_FCS = unit_rows(torch.randn(F_, C, S))
         self.E_enc_FCS = nn.Parameter(E_enc_FCS)
         self.D_dec_FCS = nn.Parameter(E_enc_FCS.clone())  # D_j = E_jᵀ at init
+        # slots an expert initialisation left out (`child_separation`): never the argmax child, so no
+        # gradient revives one half of a true child until the next initialisation looks again
+        self.register_buffer("dormant_FC", torch.zeros(F_, C, dtype=torch.bool))
 
     @property
     def level_widths(self) -> list[int]:
@@ -355,7 +430,7 @@ class MoEHSAE(HSAE):
         u_NS = grouped_matvec(x_BD, tokens_N, experts_N, self.P_down_FSD, self.expert_matmul)
         h_NC = torch.bmm(self.E_enc_FCS[experts_N].to(u_NS.dtype), u_NS.unsqueeze(-1)).squeeze(-1)
         h_NC = torch.where(h_NC >= self.theta, h_NC, LEAK * h_NC)
-        value_N, slot_N = h_NC.max(-1)
+        value_N, slot_N = h_NC.masked_fill(self.dormant_FC[experts_N], float("-inf")).max(-1)
         return h_NC, value_N, slot_N
 
     def _decode_children(self, experts_BK: Tensor, slots_BK: Tensor, values_BK: Tensor) -> Tensor:
@@ -431,6 +506,18 @@ class MoEHSAE(HSAE):
     def unit_norm_params(self) -> list[tuple[nn.Parameter, int]]:
         return [(self.W_dec_FD, -1), (self.D_dec_FCS, -1)]
 
+    @torch.no_grad()
+    def after_optimizer_step(self, step: int) -> None:
+        super().after_optimizer_step(step)
+        if self.cfg.expert_blind_to_parent:
+            self.project_out_parents()
+
+    @torch.no_grad()
+    def project_out_parents(self) -> None:
+        """Keeps every row of P↓_j orthogonal to its parent's decoder row d_j (`expert_blind_to_parent`)."""
+        d_FD = unit_rows(self.W_dec_FD)
+        self.P_down_FSD -= torch.einsum("fsd,fd->fs", self.P_down_FSD, d_FD).unsqueeze(-1) * d_FD.unsqueeze(1)
+
     def centers_inputs(self) -> bool:
         return self.cfg.center
 
@@ -447,11 +534,21 @@ class MoEHSAE(HSAE):
     @torch.no_grad()
     def reassign(self, sample_raw_ND: Tensor | None = None, step: int = 0) -> list[nn.Parameter]:
         """Re-initialises experts from what their parents leave unexplained (see `init_experts`): at the
-        first scheduled step every expert, later only those with a starved child."""
+        first scheduled step every expert, later every expert or only those with a starved child
+        (`expert_reinit`). Before that, promoted children are freed, split parents merged and the parents'
+        decoder rows refitted (each as configured)."""
         if sample_raw_ND is None:
             raise ValueError("re-initialising experts needs a sample of activations")
+        cfg = self.cfg
         x_BD = self.normalize(sample_raw_ND.to(self.W_dec_FD.device).float())[0]
-        merged = merge_fragments(self, x_BD, self.cfg.merge_cos) if self.cfg.merge_cos < 1 else []
-        init_experts(self, x_BD, only_starved=step > min(self.init_steps, default=0), also=merged)
-        top = [self.W_enc_DF, self.W_dec_FD] if merged else []
+        adopted = free_promoted_children(self, x_BD, cfg.promoted_share) if cfg.promoted_share < 1 else []
+        merged = merge_fragments(self, x_BD, cfg.merge_cos) if cfg.merge_cos < 1 else []
+        if cfg.refit_parents:
+            refit_parent_decoders(self, x_BD)
+        later = step > min(self.init_steps, default=0)
+        only_starved = later and cfg.expert_reinit == "starved"
+        init_experts(self, x_BD, only_starved=only_starved, also={*adopted, *merged})
+        if cfg.expert_blind_to_parent:
+            self.project_out_parents()
+        top = [self.W_enc_DF, self.W_dec_FD] if adopted or merged or cfg.refit_parents else []
         return [*top, self.P_down_FSD, self.P_up_FSD, self.E_enc_FCS, self.D_dec_FCS]

@@ -1,0 +1,150 @@
+"""The MoE's data initialisation of experts: each piece against a construction whose answer is known.
+
+Fragments and the expert subspace have their tests in test_models.py; these cover what keeps an expert's
+children one per true child: clusters that are one child cut in two are merged (and a continuum is not),
+children promoted to the top level go back to their parent, parents leaning towards one child are moved
+back to the centre of their children, and the expert's read-out stays blind to its parent's direction.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from trainer.config import ArchConfig
+from trainer.models import build_model
+from trainer.models.base import merge_unseparated, promoted_children, spherical_kmeans, unit_rows
+from trainer.models.moe import init_experts, refit_parent_decoders
+
+
+def _clusters(
+    directions_CS: torch.Tensor, n: int, noise: float, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    label_N = torch.randint(len(directions_CS), (n,), generator=g)
+    scale_N1 = 0.5 + torch.rand(n, 1, generator=g)
+    u_NS = directions_CS[label_N] * scale_N1 + noise * torch.randn(n, directions_CS.shape[1], generator=g)
+    return u_NS, label_N
+
+
+def test_clusters_cut_in_two_are_merged_back_and_separated_ones_kept():
+    """Three true children in 4 dimensions, six slots: k-means cuts some of them in two; after the merge
+    every true child is one cluster again. Eight children at ±e_i (as close as 8 directions in 4 dimensions
+    get) all keep their own slot."""
+    g = torch.Generator().manual_seed(0)
+    three = unit_rows(torch.randn(3, 4, generator=g))
+    u_NS, label_N = _clusters(three, 900, 0.05, seed=1)
+    centroids_CS = spherical_kmeans(u_NS, 6, g)
+    centroids_CS, alive_C = merge_unseparated(u_NS, centroids_CS, min_separation=2.0, min_tightness=0.9)
+    assert int(alive_C.sum()) == 3
+    assign_N = (unit_rows(u_NS) @ centroids_CS.T).masked_fill(~alive_C, -2).argmax(-1)
+    for true in range(3):
+        _, counts = assign_N[label_N == true].unique(return_counts=True)
+        assert counts.max() / counts.sum() > 0.99
+
+    eight = torch.cat([torch.eye(4), -torch.eye(4)])
+    u_NS, _ = _clusters(eight, 1600, 0.1, seed=2)
+    _, alive_C = merge_unseparated(u_NS, spherical_kmeans(u_NS, 8, g), 2.0, 0.9)
+    assert int(alive_C.sum()) == 8
+
+
+def test_a_continuum_keeps_its_slots():
+    """An expert whose tokens spread evenly (no true children, as SmolLM2's residuals mostly do): the cells
+    k-means cuts are no better separated than the halves of one child, but together they are not tight, so
+    no slot goes dormant. Without the tightness guard the same cells collapse into a few."""
+    g = torch.Generator().manual_seed(3)
+    u_NS = torch.randn(2000, 4, generator=g)
+    centroids_CS = spherical_kmeans(u_NS, 16, g)
+    _, alive_C = merge_unseparated(u_NS, centroids_CS, 2.0, 0.9)
+    assert int(alive_C.sum()) >= 15
+    _, unguarded_C = merge_unseparated(u_NS, centroids_CS, 2.0, 0.0)
+    assert int(unguarded_C.sum()) <= 4
+
+
+def test_promoted_children_are_found_and_independent_parents_are_not():
+    """Latent 0 fires on 40% of rows; latent 3 fires only on rows where latent 0 fires (a child of it
+    learned at the top level); latents 1 and 2 fire independently, 1 also with 0 at its base rate."""
+    g = torch.Generator().manual_seed(4)
+    n = 5000
+    on0 = torch.rand(n, generator=g) < 0.4
+    on1 = torch.rand(n, generator=g) < 0.3
+    on2 = torch.rand(n, generator=g) < 0.2
+    on3 = on0 & (torch.rand(n, generator=g) < 0.3)
+    columns = [torch.where(on, i, -1) for i, on in enumerate((on0, on1, on2, on3))]
+    indices_NK = torch.stack(columns, dim=1)
+    assert promoted_children(indices_NK, 4, min_share=0.5) == [(3, 0)]
+    assert promoted_children(indices_NK, 4, min_share=1.01) == []
+
+
+def _one_parent_three_children(n: int = 3000, seed: int = 5):
+    """Rows u + 0.6·w_c (+ noise) of one parent u with three orthogonal children w_c, in 16 dimensions."""
+    g = torch.Generator().manual_seed(seed)
+    basis = torch.linalg.qr(torch.randn(16, 16, generator=g)).Q.T
+    u_D, w_CD = basis[0], basis[1:4]
+    child_N = torch.randint(3, (n,), generator=g)
+    x_ND = u_D + 0.6 * w_CD[child_N] + 0.01 * torch.randn(n, 16, generator=g)
+    return x_ND, child_N, u_D, w_CD
+
+
+def test_refit_moves_a_parent_leaning_towards_one_child_to_the_centre_of_its_children():
+    x_ND, _, u_D, w_CD = _one_parent_three_children()
+    cfg = ArchConfig(arch="moe", width=1, k=1, children=3, subspace=2, center=False)
+    model = build_model(cfg, 16, seed=0)
+    leaning_D = unit_rows(u_D + 0.6 * w_CD[0])
+    with torch.no_grad():
+        model.W_dec_FD.copy_(leaning_D[None])
+        model.W_enc_DF.copy_(u_D[:, None])
+    x_n = model.normalize(x_ND)[0]
+    refit_parent_decoders(model, x_n)
+    d_D = unit_rows(model.W_dec_FD.detach()[0])
+    towards_C = w_CD @ d_D
+    assert float(towards_C.max() - towards_C.min()) < 0.05  # no child favoured
+    assert float(d_D @ unit_rows(u_D + 0.2 * w_CD.sum(0))) > 0.99  # the mean of its events
+
+
+def test_an_expert_with_fewer_children_than_slots_leaves_the_rest_dormant():
+    """Three true children, six slots: each true child gets exactly one slot, the other three are dormant
+    (zero encoder, never the argmax child), so no true child is split in halves that neither match it."""
+    x_ND, child_N, u_D, _ = _one_parent_three_children()
+    cfg = ArchConfig(arch="moe", width=1, k=1, children=6, subspace=3, center=False, child_separation=2.0)
+    model = build_model(cfg, 16, seed=0)
+    with torch.no_grad():
+        model.W_dec_FD.copy_(u_D[None])
+        model.W_enc_DF.copy_(u_D[:, None])
+    x_n = model.normalize(x_ND)[0]
+    assert init_experts(model, x_n, only_starved=False) == 1
+    assert int(model.dormant_FC.sum()) == 3
+    kept = model.encode(x_ND)[1].indices[:, 0]
+    assert not bool(model.dormant_FC[0, kept.clamp(min=0)].any())
+    for true in range(3):
+        _, counts = kept[child_N == true].unique(return_counts=True)
+        assert counts.max() / counts.sum() > 0.98
+    assert len(kept.unique()) == 3
+
+
+def test_without_separation_every_slot_is_used():
+    """The default (`child_separation=0`): the six slots split the three children between them."""
+    x_ND, _, u_D, _ = _one_parent_three_children()
+    cfg = ArchConfig(arch="moe", width=1, k=1, children=6, subspace=3, center=False, child_separation=0.0)
+    model = build_model(cfg, 16, seed=0)
+    with torch.no_grad():
+        model.W_dec_FD.copy_(u_D[None])
+        model.W_enc_DF.copy_(u_D[:, None])
+    init_experts(model, model.normalize(x_ND)[0], only_starved=False)
+    assert not bool(model.dormant_FC.any())
+    assert len(model.encode(x_ND)[1].indices[:, 0].unique()) == 6
+
+
+def test_the_experts_read_out_stays_blind_to_its_parent_when_asked_only(rows):
+    x = torch.from_numpy(rows[:256])
+    for blind in (True, False):
+        cfg = ArchConfig(arch="moe", width=16, k=4, children=4, subspace=2, expert_blind_to_parent=blind)
+        model = build_model(cfg, x.shape[1], seed=0)
+        model.prepare(x)
+        model.loss(x, step=10).loss.backward()
+        with torch.no_grad():
+            for param in model.parameters():
+                param -= 0.05 * param.grad
+        model.after_optimizer_step(1)
+        d_FD = unit_rows(model.W_dec_FD.detach())
+        along_FS = torch.einsum("fsd,fd->fs", model.P_down_FSD.detach(), d_FD)
+        assert (along_FS.abs().max().item() < 1e-5) == blind
