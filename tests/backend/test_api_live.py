@@ -260,10 +260,23 @@ def test_steering_changes_the_continuation_and_strength_zero_reproduces_it(live_
     assert steered["steered"]["token_ids"] != steered["unsteered"]["token_ids"]
     assert len(steered["steered"]["token_ids"]) <= 8
 
-    # With its 4 MoE children's directions added too, the text changes again.
+    # With its 4 MoE children's directions added too, the text changes again, for some parent at some
+    # strength: a strong push can saturate both continuations into one repeated token, and which parents
+    # do depends on the weights the fixture trained; a `with_children` that added nothing would match always.
     family = live_client.post(STEER, json={**ask, "strength": 1, "with_children": True}).json()
     assert family["children"] == CHILDREN and family["unsteered"] == zero["unsteered"]
-    assert family["steered"]["token_ids"] != steered["steered"]["token_ids"]
+    changed = []
+    for index in range(8):
+        for strength in (1, 0.5):
+            one = {**ask, "feature": {"level": 0, "index": index}, "strength": strength}
+            alone = live_client.post(STEER, json=one)
+            if alone.status_code == 422:  # a parent that never fired has nothing to steer by
+                continue
+            family = live_client.post(STEER, json={**one, "with_children": True}).json()
+            changed.append(family["steered"]["token_ids"] != alone.json()["steered"]["token_ids"])
+        if any(changed):
+            break
+    assert any(changed), changed
 
 
 def test_steering_bad_requests(live_client):
