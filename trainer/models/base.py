@@ -298,6 +298,18 @@ KMEANS_ITERS = 20
 KMEANS_RESTARTS = 3
 
 
+def _lloyd_step(u_NS: Tensor, unit_NS: Tensor, centroids_CS: Tensor, alive_C: Tensor | None = None) -> Tensor:
+    """One Lloyd step of spherical k-means: each token to its nearest (alive) centroid by cosine, each
+    centroid that got tokens to the direction of their sum; the others (and dead ones) stay."""
+    cos_NC = unit_NS @ centroids_CS.T
+    if alive_C is not None:
+        cos_NC = cos_NC.masked_fill(~alive_C, -2.0)
+    sums_CS = torch.zeros_like(centroids_CS).index_add_(0, cos_NC.argmax(-1), u_NS)
+    norms_C1 = sums_CS.norm(dim=-1, keepdim=True)
+    moved_C1 = norms_C1 > 0 if alive_C is None else (norms_C1 > 0) & alive_C[:, None]
+    return torch.where(moved_C1, sums_CS / norms_C1.clamp_min(EPS), centroids_CS)
+
+
 def spherical_kmeans(u_NS: Tensor, n: int, generator: torch.Generator) -> Tensor:
     """[n, S] unit centroids of the directions of `u_NS`: Lloyd steps on cosine from k-means++ seeds, the
     best of KMEANS_RESTARTS starts by Σ ‖u‖·cos(u, its centroid) (one start can merge two well-separated
@@ -313,10 +325,7 @@ def spherical_kmeans(u_NS: Tensor, n: int, generator: torch.Generator) -> Tensor
             centroids.append(unit_NS[torch.multinomial(gap_N, 1, generator=generator)[0]])
         centroids_CS = torch.stack(centroids)
         for _ in range(KMEANS_ITERS):
-            assign_N = (unit_NS @ centroids_CS.T).argmax(-1)
-            sums_CS = torch.zeros_like(centroids_CS).index_add_(0, assign_N, u_NS)
-            norms_C1 = sums_CS.norm(dim=-1, keepdim=True)
-            centroids_CS = torch.where(norms_C1 > 0, sums_CS / norms_C1.clamp_min(EPS), centroids_CS)
+            centroids_CS = _lloyd_step(u_NS, unit_NS, centroids_CS)
         score = float((norms_N * (unit_NS @ centroids_CS.T).max(-1).values).sum())
         if score > best_score:
             best, best_score = centroids_CS, score
@@ -372,9 +381,15 @@ def merge_pair(W_enc_DF: Tensor, W_dec_FD: Tensor, keep: int, free: int, n_keep:
     gain = (n_keep * W_enc_DF[:, keep].norm() + n_free * W_enc_DF[:, free].norm()) / (n_keep + n_free)
     W_dec_FD[keep] = d_D
     W_enc_DF[:, keep] = d_D * gain
+    reseed_latent(W_enc_DF, W_dec_FD, free, seed_D, W_enc_DF.norm(dim=0).mean())
+
+
+def reseed_latent(W_enc_DF: Tensor, W_dec_FD: Tensor, latent: int, seed_D: Tensor, gain: Tensor) -> None:
+    """Latent `latent` re-seeded along `seed_D` (a badly reconstructed row's residual), its encoder at
+    `gain` (the level's mean encoder norm), as dead latents are resampled."""
     seed_D = unit_rows(seed_D)
-    W_dec_FD[free] = seed_D
-    W_enc_DF[:, free] = seed_D * W_enc_DF.norm(dim=0).mean()
+    W_dec_FD[latent] = seed_D
+    W_enc_DF[:, latent] = seed_D * gain
 
 
 # a promoted child fires with its parent at least this many times the parent's base rate
@@ -442,11 +457,7 @@ def merge_unseparated(
             break
         alive_C[b if n_C[a] >= n_C[b] else a] = False
         for _ in range(lloyd_steps):
-            assign_N = (unit_NS @ centroids_CS.T).masked_fill(~alive_C, -2.0).argmax(-1)
-            sums_CS = torch.zeros_like(centroids_CS).index_add_(0, assign_N, u_NS)
-            norms_C1 = sums_CS.norm(dim=-1, keepdim=True)
-            moved_C1 = (norms_C1 > 0) & alive_C[:, None]
-            centroids_CS = torch.where(moved_C1, sums_CS / norms_C1.clamp_min(EPS), centroids_CS)
+            centroids_CS = _lloyd_step(u_NS, unit_NS, centroids_CS, alive_C)
     return centroids_CS, alive_C
 
 

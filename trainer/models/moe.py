@@ -31,6 +31,7 @@ from trainer.models.base import (
     merge_pair,
     merge_unseparated,
     promoted_children,
+    reseed_latent,
     sparse_decode,
     spherical_kmeans,
     tokens_like,
@@ -174,9 +175,7 @@ def free_promoted_children(model: MoEHSAE, x_BD: Tensor, min_share: float) -> li
     rows = torch.multinomial(residual_BD.pow(2).sum(-1), len(pairs), generator=generator).tolist()
     gain = model.W_enc_DF.norm(dim=0).mean()
     for (child, _), row in zip(pairs, rows):
-        seed_D = unit_rows(residual_BD[row])
-        model.W_dec_FD[child] = seed_D
-        model.W_enc_DF[:, child] = seed_D * gain
+        reseed_latent(model.W_enc_DF, model.W_dec_FD, child, residual_BD[row], gain)
     return [parent for _, parent in pairs]
 
 
@@ -251,7 +250,9 @@ def init_experts(model: MoEHSAE, x_BD: Tensor, only_starved: bool, also: Collect
     counts_F = torch.bincount(experts_N, minlength=model.n_parents)
     starts_F = (counts_F.cumsum(0) - counts_F).tolist()
     if only_starved:
-        starved_F = _starved_experts(model, kept)
+        on = kept.indices >= 0
+        use_FC = torch.bincount(kept.indices[on], minlength=model.n_parents * C).view(-1, C).float()
+        starved_F = (use_FC < use_FC.sum(1, keepdim=True) / (4 * C)).any(1)
     generator = torch.Generator(device=x_BD.device).manual_seed(int(counts_F.sum()))
     whiten_DD = _inverse_sqrt(residual_BD.T @ residual_BD / len(residual_BD))
     redone = []
@@ -294,14 +295,6 @@ def init_experts(model: MoEHSAE, x_BD: Tensor, only_starved: bool, also: Collect
     if redone:
         _calibrate(model, x_BD, torch.tensor(redone, device=x_BD.device))
     return len(redone)
-
-
-def _starved_experts(model: MoEHSAE, kept: LevelCode) -> Tensor:
-    """bool [F]: experts with a child that takes less than 1/(4C) of the expert's tokens."""
-    C = model.n_children
-    on = kept.indices >= 0
-    use_FC = torch.bincount(kept.indices[on], minlength=model.n_parents * C).view(-1, C).float()
-    return (use_FC < use_FC.sum(1, keepdim=True) / (4 * C)).any(1)
 
 
 def _calibrate(model: MoEHSAE, x_BD: Tensor, experts: Tensor) -> float:
