@@ -423,7 +423,10 @@ class MoEHSAE(HSAE):
         u_NS = grouped_matvec(x_BD, tokens_N, experts_N, self.P_down_FSD, self.expert_matmul)
         h_NC = torch.bmm(self.E_enc_FCS[experts_N].to(u_NS.dtype), u_NS.unsqueeze(-1)).squeeze(-1)
         h_NC = torch.where(h_NC >= self.theta, h_NC, LEAK * h_NC)
-        value_N, slot_N = h_NC.masked_fill(self.dormant_FC[experts_N], float("-inf")).max(-1)
+        if self.cfg.child_separation > 0:  # the only setting that leaves slots dormant (`init_experts`)
+            value_N, slot_N = h_NC.masked_fill(self.dormant_FC[experts_N], float("-inf")).max(-1)
+        else:
+            value_N, slot_N = h_NC.max(-1)
         return h_NC, value_N, slot_N
 
     def _decode_children(self, experts_BK: Tensor, slots_BK: Tensor, values_BK: Tensor) -> Tensor:
