@@ -101,17 +101,25 @@ def test_refit_moves_a_parent_leaning_towards_one_child_to_the_centre_of_its_chi
     assert float(d_D @ unit_rows(u_D + 0.2 * w_CD.sum(0))) > 0.99  # the mean of its events
 
 
-def test_an_expert_with_fewer_children_than_slots_leaves_the_rest_dormant():
-    """Three true children, six slots: each true child gets exactly one slot, the other three are dormant
-    (zero encoder, never the argmax child), so no true child is split in halves that neither match it."""
+def _six_slots_on_the_true_parent(child_separation: float):
+    """(model, rows, true child per row): one parent already on `_one_parent_three_children`'s u, an expert
+    of six slots for its three children."""
     x_ND, child_N, u_D, _ = _one_parent_three_children()
-    cfg = ArchConfig(arch="moe", width=1, k=1, children=6, subspace=3, center=False, child_separation=2.0)
+    cfg = ArchConfig(
+        arch="moe", width=1, k=1, children=6, subspace=3, center=False, child_separation=child_separation
+    )
     model = build_model(cfg, 16, seed=0)
     with torch.no_grad():
         model.W_dec_FD.copy_(u_D[None])
         model.W_enc_DF.copy_(u_D[:, None])
-    x_n = model.normalize(x_ND)[0]
-    assert init_experts(model, x_n, only_starved=False) == 1
+    return model, x_ND, child_N
+
+
+def test_an_expert_with_fewer_children_than_slots_leaves_the_rest_dormant():
+    """Three true children, six slots: each true child gets exactly one slot, the other three are dormant
+    (zero encoder, never the argmax child), so no true child is split in halves that neither match it."""
+    model, x_ND, child_N = _six_slots_on_the_true_parent(child_separation=2.0)
+    assert init_experts(model, model.normalize(x_ND)[0], only_starved=False) == 1
     assert int(model.dormant_FC.sum()) == 3
     kept = model.encode(x_ND)[1].indices[:, 0]
     assert not bool(model.dormant_FC[0, kept.clamp(min=0)].any())
@@ -123,12 +131,7 @@ def test_an_expert_with_fewer_children_than_slots_leaves_the_rest_dormant():
 
 def test_without_separation_every_slot_is_used():
     """The default (`child_separation=0`): the six slots split the three children between them."""
-    x_ND, _, u_D, _ = _one_parent_three_children()
-    cfg = ArchConfig(arch="moe", width=1, k=1, children=6, subspace=3, center=False, child_separation=0.0)
-    model = build_model(cfg, 16, seed=0)
-    with torch.no_grad():
-        model.W_dec_FD.copy_(u_D[None])
-        model.W_enc_DF.copy_(u_D[:, None])
+    model, x_ND, _ = _six_slots_on_the_true_parent(child_separation=0.0)
     init_experts(model, model.normalize(x_ND)[0], only_starved=False)
     assert not bool(model.dormant_FC.any())
     assert len(model.encode(x_ND)[1].indices[:, 0].unique()) == 6
