@@ -136,9 +136,10 @@ class ArchConfig:
     see `expert_reinit`. Empty = never (the paper: random init only). A late round (0.8) with
     `expert_reinit="all"` and `child_separation=2` finds more children on the synthetic family (the worst seed
     of `close` 0.74 -> 0.88, of `uneven` 0.58 -> 0.75), since children found on parents that were still
-    moving drift apart again; on SmolLM2 the same settings cost 0.07 of held-out explained variance (0.813 ->
-    0.742, bench/bench_real.py): redone late, experts that partition a continuum do not recover in the 20% of
-    the run left. So they are options, not defaults (README, "Presets")."""
+    moving drift apart again; on SmolLM2 the same settings (with blind read-outs and promoted children freed)
+    cost 0.03 of held-out explained variance (0.774 -> 0.742 in one session, bench/bench_real.py): redone
+    late, experts that partition a continuum do not recover in the 20% of the run left. So they are options,
+    not defaults (README, "Presets")."""
 
     expert_reinit: Literal["all", "starved"] = "starved"
     """`moe`: which experts the rounds after the first redo: every expert, or only those with a starved child
