@@ -39,6 +39,7 @@ VARIANTS: dict[str, tuple[str, str, dict, dict]] = {
     "  - data init of experts": ("moe", "project", {"expert_init_at": []}, {}),
     "  - lr 2e-3 (paper 5e-4)": ("moe", "project", {}, {"lr": 5e-4}),
     "  - centring": ("moe", "project", {"center": False}, {}),
+    "  - shared offset (the mean)": ("moe", "project", {"center_quantile": None, "fold_density": 1.0}, {}),
     "  - L1 on kept children": ("moe", "project", {"child_l1": "all"}, {}),
     "  - merge of split parents": ("moe", "project", {"merge_cos": 1.0}, {}),
     "  - refit of parents": ("moe", "project", {"refit_parents": False}, {}),
@@ -48,6 +49,7 @@ VARIANTS: dict[str, tuple[str, str, dict, dict]] = {
     "tree paper": ("tree", "paper", {}, {}),
     "  - data init of children": ("tree", "project", {"child_init_at": []}, {}),
     "  - merge of split top latents": ("tree", "project", {"merge_cos": 1.0}, {}),
+    "  - shared offset (b_dec from the mean)": ("tree", "project", {"center_quantile": None}, {}),
 }
 
 

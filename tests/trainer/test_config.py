@@ -121,6 +121,11 @@ def test_moe_expert_init_ingredients_are_the_projects_and_checked():
     project = RunConfig.compose({"arch": "moe"}, {}, "project").arch
     paper = RunConfig.compose({"arch": "moe"}, {}, "paper").arch
     assert project.refit_parents and not paper.refit_parents
+    # the offset: the project's shared offset and fold, the paper's none (and the mean where it has one)
+    assert project.center and project.center_quantile == 0.05 and project.fold_density == 0.5
+    assert not paper.center and paper.center_quantile is None and paper.fold_density == 1
+    tree = RunConfig.compose({"arch": "tree", "levels": [8, 16]}, {}, "paper").arch
+    assert tree.center_quantile is None
     # options that found more children on the synthetic family but cost explained variance or children on
     # SmolLM2: off in both
     for arch in (project, paper):
@@ -132,6 +137,8 @@ def test_moe_expert_init_ingredients_are_the_projects_and_checked():
         ({"child_separation": -1.0}, "child_separation must be >= 0"),
         ({"child_tightness": 1.5}, r"child_tightness must be in \[0, 1\]"),
         ({"promoted_share": -0.1}, r"promoted_share must be in \[0, 1\]"),
+        ({"center_quantile": 1.5}, r"center_quantile must be in \[0, 1\] or null"),
+        ({"fold_density": 0.0}, r"fold_density must be in \(0, 1\]"),
     ]:
         with pytest.raises(ConfigError, match=message):
             ArchConfig(arch="moe", **fields)

@@ -3,7 +3,8 @@
 Fragments and the expert subspace have their tests in test_models.py; these cover what keeps an expert's
 children one per true child: clusters that are one child cut in two are merged (and a continuum is not),
 children promoted to the top level go back to their parent, parents leaning towards one child are moved
-back to the centre of their children, and the expert's read-out stays blind to its parent's direction.
+back to the centre of their children, and the expert's read-out stays blind to its parent's direction; and
+the offset subtracted before all of it leaves frequent features out and folds dense parents in.
 """
 
 from __future__ import annotations
@@ -12,8 +13,14 @@ import torch
 
 from trainer.config import ArchConfig
 from trainer.models import build_model
-from trainer.models.base import merge_unseparated, promoted_children, spherical_kmeans, unit_rows
-from trainer.models.moe import init_experts, refit_parent_decoders
+from trainer.models.base import (
+    merge_unseparated,
+    promoted_children,
+    shared_offset,
+    spherical_kmeans,
+    unit_rows,
+)
+from trainer.models.moe import fold_dense_parents, init_experts, refit_parent_decoders
 
 
 def _clusters(
@@ -151,3 +158,52 @@ def test_the_experts_read_out_stays_blind_to_its_parent_when_asked_only(rows):
         d_FD = unit_rows(model.W_dec_FD.detach())
         along_FS = torch.einsum("fsd,fd->fs", model.P_down_FSD.detach(), d_FD)
         assert (along_FS.abs().max().item() < 1e-5) == blind
+
+
+def _offset_and_a_frequent_feature(offset: float, seed: int = 0):
+    """Rows = a shared offset of norm `offset` + a frequent feature u on 45% of the rows (magnitude
+    U(0.5, 1.5)) + one of 30 rare features each row (orthogonal to the rest) + noise."""
+    g = torch.Generator().manual_seed(seed)
+    d, n = 64, 8000
+    basis_DD, _ = torch.linalg.qr(torch.randn(d, d, generator=g))
+    offset_D, u_D, rare_RD = offset * basis_DD[:, 0], basis_DD[:, 1], basis_DD[:, 2:32].T
+    on_N1 = (torch.rand(n, 1, generator=g) < 0.45).float()
+    a_N1 = 0.5 + torch.rand(n, 1, generator=g)
+    rare_ND = rare_RD[torch.randint(30, (n,), generator=g)] * (0.5 + torch.rand(n, 1, generator=g))
+    x_ND = offset_D + on_N1 * a_N1 * u_D + rare_ND + 0.02 * torch.randn(n, d, generator=g)
+    return x_ND, offset_D, u_D
+
+
+def test_the_shared_offset_leaves_a_frequent_features_share_out_and_keeps_a_real_offset():
+    """Without an offset, the mean holds 0.45 of the frequent feature (the anti-feature every other row
+    would need) and the 5% quantile along the mean's direction almost none; with a real offset of norm 3, the
+    quantile keeps over 95% of it. (It is one scalar along one direction: with both at once it keeps most
+    of the feature's share too, and the fold handles what stays dense.)"""
+    x_ND, _, u_D = _offset_and_a_frequent_feature(0.0)
+    mean_D = shared_offset(x_ND, None)
+    assert torch.allclose(mean_D, x_ND.mean(0))
+    assert float(mean_D @ u_D) > 0.4
+    assert abs(float(shared_offset(x_ND, 0.05) @ u_D)) < 0.1
+    x_ND, offset_D, _ = _offset_and_a_frequent_feature(3.0)
+    assert float(shared_offset(x_ND, 0.05) @ offset_D) / float(offset_D @ offset_D) > 0.95
+
+
+def test_a_parent_on_every_token_is_folded_into_the_offset():
+    """A top-level latent along the offset, firing on every token: its mean contribution moves into the
+    subtracted offset, it is re-seeded elsewhere, and no parent then fires on more than half the tokens.
+    A latent below the density keeps its weights."""
+    x_ND, offset_D, u_D = _offset_and_a_frequent_feature(3.0, seed=1)
+    cfg = ArchConfig(arch="moe", width=4, k=2, children=2, subspace=2)
+    model = build_model(cfg, x_ND.shape[1], seed=0)  # nothing subtracted yet: the offset is on every token
+    dense_D = unit_rows(offset_D)
+    with torch.no_grad():
+        model.W_dec_FD[:2] = torch.stack([dense_D, u_D])
+        model.W_enc_DF[:, :2] = torch.stack([dense_D, u_D]).T
+        model.W_enc_DF[:, 2:] = 0  # silent: the fold sees the two latents alone
+    assert fold_dense_parents(model, x_ND, 0.5) == [0]
+    assert torch.allclose(model.input_mean_D, offset_D, atol=0.05)  # its mean contribution: the offset
+    assert float(model.W_dec_FD.detach()[0] @ dense_D) < 0.9  # re-seeded
+    assert torch.equal(model.W_dec_FD.detach()[1], u_D)
+    indices = model.encode(x_ND)[0].indices
+    density_F = torch.stack([(indices == j).any(1).float().mean() for j in range(4)])
+    assert float(density_F.max()) <= 0.5

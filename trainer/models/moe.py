@@ -179,6 +179,40 @@ def free_promoted_children(model: MoEHSAE, x_BD: Tensor, min_share: float) -> li
     return [parent for _, parent in pairs]
 
 
+@torch.no_grad()
+def fold_dense_parents(model: MoEHSAE, x_raw_BD: Tensor, max_density: float) -> list[int]:
+    """Folds every top-level latent that fires on more than `max_density` of the sample's tokens into the
+    subtracted offset (`input_mean_D`): the offset moves by the latent's mean raw contribution over all the
+    tokens (zeros included), and the latent is re-seeded on the residual of a badly reconstructed token, as
+    dead latents are resampled. Returns the folded latents.
+
+    Why: `shared_offset` subtracts only what every token shares; what varies densely along the mean's
+    direction (real residual streams) the top level learns as latents on nearly every token, roots that mean
+    nothing. Measured on SmolLM2 (demo corpus, layer 15) after 10% of a 1,000-step run from the 5% quantile,
+    17 latents fired on more than half of the tokens, 8 of them on over 95%; folded, no root fired on more
+    than 36% of the held-out tokens."""
+    x_BD, scale_B1 = model.normalize(x_raw_BD)
+    parent = model._codes(x_BD)[0][0]
+    on_BK = parent.indices >= 0
+    density_F = torch.bincount(parent.indices[on_BK], minlength=model.n_parents).float() / len(x_BD)
+    dense = torch.nonzero(density_F > max_density).squeeze(1).tolist()
+    if not dense:
+        return []
+    raw_BK = torch.where(on_BK, parent.values / scale_B1, 0)  # each value in raw units
+    for latent in dense:
+        share = float(torch.where(parent.indices == latent, raw_BK, 0).sum() / len(x_BD))
+        model.input_mean_D += share * unit_rows(model.W_dec_FD[latent])
+    x_BD = model.normalize(x_raw_BD)[0]  # the new offset's normalisation
+    codes, kept, _, _ = model._codes(x_BD)
+    residual_BD = x_BD - model.decode(codes, level=0) - model._decode_child_code(kept)
+    generator = torch.Generator(device=x_BD.device).manual_seed(len(x_BD) + 2)
+    rows = torch.multinomial(residual_BD.pow(2).sum(-1), len(dense), generator=generator).tolist()
+    gain = model.W_enc_DF.norm(dim=0).mean()
+    for latent, row in zip(dense, rows):
+        reseed_latent(model.W_enc_DF, model.W_dec_FD, latent, residual_BD[row], gain)
+    return dense
+
+
 REFIT_STEPS = (1.0, 0.5, 0.25, 0.125, 0.0)
 
 
@@ -536,15 +570,19 @@ class MoEHSAE(HSAE):
         if sample_raw_ND is None:
             raise ValueError("re-initialising experts needs a sample of activations")
         cfg = self.cfg
-        x_BD = self.normalize(sample_raw_ND.to(self.W_dec_FD.device).float())[0]
+        sample_raw_ND = sample_raw_ND.to(self.W_dec_FD.device).float()
+        first = step <= min(self.init_steps, default=0)
+        folded = []
+        if first and cfg.center and cfg.fold_density < 1:
+            folded = fold_dense_parents(self, sample_raw_ND, cfg.fold_density)
+        x_BD = self.normalize(sample_raw_ND)[0]
         adopted = free_promoted_children(self, x_BD, cfg.promoted_share) if cfg.promoted_share < 1 else []
         merged = merge_fragments(self, x_BD, cfg.merge_cos) if cfg.merge_cos < 1 else []
         if cfg.refit_parents:
             refit_parent_decoders(self, x_BD)
-        later = step > min(self.init_steps, default=0)
-        only_starved = later and cfg.expert_reinit == "starved"
+        only_starved = not first and cfg.expert_reinit == "starved"
         init_experts(self, x_BD, only_starved=only_starved, also={*adopted, *merged})
         if cfg.expert_blind_to_parent:
             self.project_out_parents()
-        top = [self.W_enc_DF, self.W_dec_FD] if adopted or merged or cfg.refit_parents else []
+        top = [self.W_enc_DF, self.W_dec_FD] if folded or adopted or merged or cfg.refit_parents else []
         return [*top, self.P_down_FSD, self.P_up_FSD, self.E_enc_FCS, self.D_dec_FCS]

@@ -54,6 +54,7 @@ from trainer.models.base import (
     StepOutput,
     fragment_pairs,
     merge_pair,
+    shared_offset,
     sparse_decode,
     spherical_kmeans,
     tokens_like,
@@ -160,9 +161,9 @@ class TreeHSAE(HSAE):
 
     @torch.no_grad()
     def init_from_data(self, sample_BD: Tensor) -> None:
-        mean_D = sample_BD.mean(0)
+        offset_D = shared_offset(sample_BD, self.cfg.center_quantile)
         for sae in self.saes:
-            sae.b_dec_D.copy_(mean_D)
+            sae.b_dec_D.copy_(offset_D)
             if isinstance(sae, JumpReLULevel):
                 sae.fit_thresholds(sample_BD)
 
