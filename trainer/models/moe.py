@@ -139,6 +139,16 @@ def grouped_matvec_buckets(x_BD: Tensor, tokens_N: Tensor, experts_N: Tensor, W_
     return torch.cat(pieces)[torch.argsort(torch.cat(positions))]
 
 
+def _seed_residuals(
+    model: MoEHSAE, x_BD: Tensor, codes: list[LevelCode], kept: LevelCode, n: int, generator: torch.Generator
+) -> Tensor:
+    """[n, D]: the residuals (x − x̂, parents and kept children) of n sample tokens drawn in proportion to
+    their squared residual, where freed or folded top-level latents are re-seeded, as dead latents are
+    resampled."""
+    residual_BD = x_BD - model.decode(codes, level=0) - model._decode_child_code(kept)
+    return residual_BD[torch.multinomial(residual_BD.pow(2).sum(-1), n, generator=generator)]
+
+
 @torch.no_grad()
 def merge_fragments(model: MoEHSAE, x_BD: Tensor, min_cos: float, rounds: int = 4) -> list[int]:
     """Merges top-level latents that are fragments of one parent (`fragment_pairs`) into one parent whose
@@ -153,10 +163,9 @@ def merge_fragments(model: MoEHSAE, x_BD: Tensor, min_cos: float, rounds: int = 
         pairs = fragment_pairs(codes[0].indices, model.W_dec_FD, min_cos)
         if not pairs:
             break
-        residual_BD = x_BD - model.decode(codes, level=0) - model._decode_child_code(kept)
-        rows = torch.multinomial(residual_BD.pow(2).sum(-1), len(pairs), generator=generator)
-        for (keep, free, n_keep, n_free), row in zip(pairs, rows.tolist()):
-            merge_pair(model.W_enc_DF, model.W_dec_FD, keep, free, n_keep, n_free, residual_BD[row])
+        seeds_PD = _seed_residuals(model, x_BD, codes, kept, len(pairs), generator)
+        for (keep, free, n_keep, n_free), seed_D in zip(pairs, seeds_PD):
+            merge_pair(model.W_enc_DF, model.W_dec_FD, keep, free, n_keep, n_free, seed_D)
             merged.append(keep)
     return merged
 
@@ -170,12 +179,11 @@ def free_promoted_children(model: MoEHSAE, x_BD: Tensor, min_share: float) -> li
     pairs = promoted_children(codes[0].indices, model.n_parents, min_share)
     if not pairs:
         return []
-    residual_BD = x_BD - model.decode(codes, level=0) - model._decode_child_code(kept)
     generator = torch.Generator(device=x_BD.device).manual_seed(len(x_BD) + 1)
-    rows = torch.multinomial(residual_BD.pow(2).sum(-1), len(pairs), generator=generator).tolist()
+    seeds_PD = _seed_residuals(model, x_BD, codes, kept, len(pairs), generator)
     gain = model.W_enc_DF.norm(dim=0).mean()
-    for (child, _), row in zip(pairs, rows):
-        reseed_latent(model.W_enc_DF, model.W_dec_FD, child, residual_BD[row], gain)
+    for (child, _), seed_D in zip(pairs, seeds_PD):
+        reseed_latent(model.W_enc_DF, model.W_dec_FD, child, seed_D, gain)
     return [parent for _, parent in pairs]
 
 
@@ -198,18 +206,17 @@ def fold_dense_parents(model: MoEHSAE, x_raw_BD: Tensor, max_density: float) -> 
     dense = torch.nonzero(density_F > max_density).squeeze(1).tolist()
     if not dense:
         return []
-    raw_BK = torch.where(on_BK, parent.values / scale_B1, 0)  # each value in raw units
-    for latent in dense:
-        share = float(torch.where(parent.indices == latent, raw_BK, 0).sum() / len(x_BD))
-        model.input_mean_D += share * unit_rows(model.W_dec_FD[latent])
+    # each latent's mean contribution in raw units over all the tokens (zeros included)
+    raw_N = (parent.values / scale_B1)[on_BK]
+    share_F = torch.zeros_like(density_F).index_add_(0, parent.indices[on_BK], raw_N) / len(x_BD)
+    model.input_mean_D += share_F[dense] @ unit_rows(model.W_dec_FD[dense])
     x_BD = model.normalize(x_raw_BD)[0]  # the new offset's normalisation
     codes, kept, _, _ = model._codes(x_BD)
-    residual_BD = x_BD - model.decode(codes, level=0) - model._decode_child_code(kept)
     generator = torch.Generator(device=x_BD.device).manual_seed(len(x_BD) + 2)
-    rows = torch.multinomial(residual_BD.pow(2).sum(-1), len(dense), generator=generator).tolist()
+    seeds_PD = _seed_residuals(model, x_BD, codes, kept, len(dense), generator)
     gain = model.W_enc_DF.norm(dim=0).mean()
-    for latent, row in zip(dense, rows):
-        reseed_latent(model.W_enc_DF, model.W_dec_FD, latent, residual_BD[row], gain)
+    for latent, seed_D in zip(dense, seeds_PD):
+        reseed_latent(model.W_enc_DF, model.W_dec_FD, latent, seed_D, gain)
     return dense
 
 
