@@ -178,7 +178,8 @@ def test_the_shared_offset_leaves_a_frequent_features_share_out_and_keeps_a_real
     """Without an offset, the mean holds 0.45 of the frequent feature (the anti-feature every other row
     would need) and the 5% quantile along the mean's direction almost none; with a real offset of norm 3, the
     quantile keeps over 95% of it. (It is one scalar along one direction: with both at once it keeps most
-    of the feature's share too, and the fold handles what stays dense.)"""
+    of the feature's share too; where the tokens then vary densely along it, the MoE falls back to the
+    mean.)"""
     x_ND, _, u_D = _offset_and_a_frequent_feature(0.0)
     mean_D = shared_offset(x_ND, None)
     assert torch.allclose(mean_D, x_ND.mean(0))
@@ -188,10 +189,10 @@ def test_the_shared_offset_leaves_a_frequent_features_share_out_and_keeps_a_real
     assert float(shared_offset(x_ND, 0.05) @ offset_D) / float(offset_D @ offset_D) > 0.95
 
 
-def test_a_parent_on_every_token_is_folded_into_the_offset():
-    """A top-level latent along the offset, firing on every token: its mean contribution moves into the
-    subtracted offset, it is re-seeded elsewhere, and no parent then fires on more than half the tokens.
-    A latent below the density keeps its weights."""
+def test_a_parent_on_every_token_makes_the_offset_fall_back_to_the_mean():
+    """A top-level latent along the offset, firing on every token: the subtracted offset becomes the mean,
+    that latent is re-seeded elsewhere, and no parent then fires on more than half the tokens. A latent below
+    the density keeps its weights, and without a dense latent nothing changes."""
     x_ND, offset_D, u_D = _offset_and_a_frequent_feature(3.0, seed=1)
     cfg = ArchConfig(arch="moe", width=4, k=2, children=2, subspace=2)
     model = build_model(cfg, x_ND.shape[1], seed=0)  # nothing subtracted yet: the offset is on every token
@@ -201,9 +202,13 @@ def test_a_parent_on_every_token_is_folded_into_the_offset():
         model.W_enc_DF[:, :2] = torch.stack([dense_D, u_D]).T
         model.W_enc_DF[:, 2:] = 0  # silent: the fold sees the two latents alone
     assert fold_dense_parents(model, x_ND, 0.5) == [0]
-    assert torch.allclose(model.input_mean_D, offset_D, atol=0.05)  # its mean contribution: the offset
+    assert torch.allclose(model.input_mean_D, x_ND.mean(0))
     assert float(model.W_dec_FD.detach()[0] @ dense_D) < 0.9  # re-seeded
     assert torch.equal(model.W_dec_FD.detach()[1], u_D)
     indices = model.encode(x_ND)[0].indices
     density_F = torch.stack([(indices == j).any(1).float().mean() for j in range(4)])
     assert float(density_F.max()) <= 0.5
+    state = (model.input_mean_D, model.W_enc_DF, model.W_dec_FD)
+    before = [t.detach().clone() for t in state]
+    assert fold_dense_parents(model, x_ND, 0.5) == []
+    assert all(torch.equal(a, b.detach()) for a, b in zip(before, state))
