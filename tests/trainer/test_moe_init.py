@@ -14,6 +14,7 @@ import torch
 from trainer.config import ArchConfig
 from trainer.models import build_model
 from trainer.models.base import (
+    fragment_pairs,
     merge_unseparated,
     promoted_children,
     shared_offset,
@@ -212,3 +213,60 @@ def test_a_parent_on_every_token_makes_the_offset_fall_back_to_the_mean():
     before = [t.detach().clone() for t in state]
     assert fold_dense_parents(model, x_ND, 0.5) == []
     assert all(torch.equal(a, b.detach()) for a, b in zip(before, state))
+
+
+def test_the_experts_subspace_is_orthogonal_to_its_parent_after_whitening():
+    """The residuals an expert is fitted on have no part along d_j, but whitening tilts their principal
+    directions towards it; projected back out, the expert reads what sets the children apart, not the
+    parent's own value, which is the same for all of them."""
+    x_ND, child_N, u_D, _ = _one_parent_three_children()
+    x_ND = x_ND * (0.5 + torch.rand(len(x_ND), 1, generator=torch.Generator().manual_seed(1)))  # magnitudes
+    cfg = ArchConfig(arch="moe", width=1, k=1, children=3, subspace=3, center=False)
+    model = build_model(cfg, 16, seed=0)
+    leaning_D = unit_rows(u_D + 0.3 * torch.randn(16, generator=torch.Generator().manual_seed(2)))
+    with torch.no_grad():
+        model.W_dec_FD.copy_(leaning_D[None])  # a parent direction that leaves much along itself
+        model.W_enc_DF.copy_(0.7 * leaning_D[:, None])  # values short of the projection: residual along d
+    assert init_experts(model, model.normalize(x_ND)[0], only_starved=False) == 1
+    assert float((model.P_down_FSD.detach()[0] @ leaning_D).abs().max()) < 1e-5
+    kept = model.encode(x_ND)[1].indices[:, 0]
+    for true in range(3):  # and each true child still has its own slot
+        _, counts = kept[child_N == true].unique(return_counts=True)
+        assert counts.max() / counts.sum() > 0.95
+
+
+def _fragments_and_companions(weak_twin: float, strong_pair: float):
+    """Indices and values of 4 latents on 2000 rows: 0 and 1 take alternate rows (fragments) and 1 also
+    fires on a `weak_twin` share of 0's rows at a tenth of its value; 2 and 3 fire on random halves of the
+    rows and together on a `strong_pair` share more, both with their usual values. Decoders 0·1 and 2·3 at
+    cosine 0.7."""
+    g = torch.Generator().manual_seed(0)
+    n = 2000
+    indices = torch.full((n, 3), -1)
+    values = torch.zeros(n, 3)
+    even = torch.arange(n) % 2 == 0
+    indices[:, 0] = torch.where(even, 0, 1)
+    values[:, 0] = 1.0 + 0.1 * torch.rand(n, generator=g)
+    twin = even & (torch.rand(n, generator=g) < 2 * weak_twin)
+    indices[:, 1] = torch.where(twin, 1, -1)
+    values[:, 1] = torch.where(twin, 0.1, 0.0)
+    pick = torch.rand(n, generator=g)
+    both = pick < strong_pair
+    indices[:, 2] = torch.where(both | (pick > 0.5 + strong_pair / 2), 2, torch.where(pick < 0.5, 3, -1))
+    indices[:, 2] = torch.where(both, 2, indices[:, 2])
+    values[:, 2] = torch.where(indices[:, 2] >= 0, 1.0, 0.0)
+    extra = torch.where(both, 3, -1)
+    indices = torch.cat([indices, extra[:, None]], 1)
+    values = torch.cat([values, torch.where(both, 1.0, 0.0)[:, None]], 1)
+    basis = torch.linalg.qr(torch.randn(8, 8, generator=g)).Q.T
+    W_dec = torch.stack([basis[0], 0.7 * basis[0] + 0.71 * basis[1], basis[2], 0.7 * basis[2] + 0.71 * basis[3]])
+    return indices, values, W_dec
+
+
+def test_a_fragment_picked_weakly_beside_its_twin_still_counts_as_a_fragment():
+    """TopK with two events per row often adds a fragment, weakly, beside its twin: those rows do not make
+    the two distinct features. Two latents that fire together strongly are distinct, however close."""
+    indices, values, W_dec = _fragments_and_companions(weak_twin=0.12, strong_pair=0.12)
+    pairs = fragment_pairs(indices, W_dec, 0.5, values)
+    assert [(min(p[:2]), max(p[:2])) for p in pairs] == [(0, 1)]
+    assert fragment_pairs(indices, W_dec, 0.5) == []  # counting every row misses them

@@ -436,7 +436,7 @@ def merge_top_fragments(model: TreeHSAE, x_BD: Tensor, min_cos: float, rounds: i
     generator = torch.Generator(device=x_BD.device).manual_seed(len(x_BD))
     for _ in range(rounds):
         values_BK, indices_BK, _ = sae.encode(x_BD)
-        pairs = fragment_pairs(indices_BK, sae.W_dec_FD, min_cos)
+        pairs = fragment_pairs(indices_BK, sae.W_dec_FD, min_cos, values_BK)
         if not pairs:
             break
         residual_BD = x_BD - sae.decode(indices_BK, values_BK)
