@@ -259,7 +259,8 @@ def _fragments_and_companions(weak_twin: float, strong_pair: float):
     indices = torch.cat([indices, extra[:, None]], 1)
     values = torch.cat([values, torch.where(both, 1.0, 0.0)[:, None]], 1)
     basis = torch.linalg.qr(torch.randn(8, 8, generator=g)).Q.T
-    W_dec = torch.stack([basis[0], 0.7 * basis[0] + 0.71 * basis[1], basis[2], 0.7 * basis[2] + 0.71 * basis[3]])
+    near_0, near_2 = 0.7 * basis[0] + 0.71 * basis[1], 0.7 * basis[2] + 0.71 * basis[3]
+    W_dec = torch.stack([basis[0], near_0, basis[2], near_2])
     return indices, values, W_dec
 
 
