@@ -43,6 +43,7 @@ VARIANTS: dict[str, tuple[str, str, dict, dict]] = {
     "  - L1 on kept children": ("moe", "project", {"child_l1": "all"}, {}),
     "  - merge of split parents": ("moe", "project", {"merge_cos": 1.0}, {}),
     "  - refit of parents": ("moe", "project", {"refit_parents": False}, {}),
+    "  - revival of starved children": ("moe", "project", {"revive_children_at": []}, {}),
     "  + late round, all experts, blind P↓, split children merged": ("moe", "project", CLUSTERED, {}),
     "  + the same and promoted children freed": ("moe", "project", {**CLUSTERED, "promoted_share": 0.5}, {}),
     "tree project": ("tree", "project", {}, {}),

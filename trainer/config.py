@@ -160,6 +160,16 @@ class ArchConfig:
     late, experts that partition a continuum do not recover in the 20% of the run left. So they are options,
     not defaults (README, "Presets")."""
 
+    revive_children_at: list[float] = field(default_factory=lambda: [0.7, 0.85])
+    """`moe`: fractions of the run at which starved children (less than 1/(4C) of their expert's sample
+    tokens) are re-seeded on what their expert's tokens leave unexplained, every other weight kept
+    (`revive_children`), as dead latents are resampled. Empty = never (the paper). After the last expert
+    round children can starve with half the run left and nothing brings them back: on SmolLM2
+    (`bench/bench_real.py`, one data folder) 10.2% of the children were dead at the end, 5.8% with the two
+    revivals, explained variance and CE loss score unchanged (0.777, 0.981); on the synthetic family (3 seeds)
+    children found went from 0.924 to 0.927 on average and the worst `orthogonal` edge precision from 0.89
+    to 0.93."""
+
     expert_reinit: Literal["all", "starved"] = "starved"
     """`moe`: which experts the rounds after the first redo: every expert, or only those with a starved child
     (one that takes less than 1/(4C) of its expert's tokens). A parent can swallow one of its children (its
@@ -327,7 +337,7 @@ class ArchConfig:
             for name in ("child_tightness", "promoted_share"):
                 value = getattr(self, name)
                 _check(0 <= value <= 1, f"{name} must be in [0, 1], got {value}")
-        for name in ("expert_init_at", "child_init_at"):
+        for name in ("expert_init_at", "child_init_at", "revive_children_at"):
             fractions = [float(f) for f in getattr(self, name)]
             setattr(self, name, fractions)
             _check(
@@ -492,7 +502,7 @@ PRESETS: dict[str, dict[str, dict[str, dict[str, Any]]]] = {
         "moe": {
             "arch": {
                 "center": False, "center_quantile": None, "fold_density": 1.0, "child_l1": "all",
-                "expert_init_at": [], "merge_cos": 1.0,
+                "expert_init_at": [], "merge_cos": 1.0, "revive_children_at": [],
                 "expert_reinit": "starved", "refit_parents": False, "child_separation": 0.0,
                 "expert_blind_to_parent": False,
                 "promoted_share": 1.0,

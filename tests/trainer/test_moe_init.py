@@ -21,7 +21,7 @@ from trainer.models.base import (
     spherical_kmeans,
     unit_rows,
 )
-from trainer.models.moe import fold_dense_parents, init_experts, refit_parent_decoders
+from trainer.models.moe import fold_dense_parents, init_experts, refit_parent_decoders, revive_children
 
 
 def _clusters(
@@ -271,3 +271,32 @@ def test_a_fragment_picked_weakly_beside_its_twin_still_counts_as_a_fragment():
     pairs = fragment_pairs(indices, W_dec, 0.5, values)
     assert [(min(p[:2]), max(p[:2])) for p in pairs] == [(0, 1)]
     assert fragment_pairs(indices, W_dec, 0.5) == []  # counting every row misses them
+
+
+def test_a_starved_child_is_revived_on_its_experts_residual_and_the_others_keep_their_weights():
+    """Slot 0 sits between true children 0 and 1 and takes both, slot 1 takes child 2, slot 2 points where
+    no token is. Revived, slot 2 is re-seeded on the residual of one of the expert's tokens (which the merged
+    slot leaves along w0 - w1), and it takes tokens of child 0 or 1; slots 0 and 1 are unchanged."""
+    x_ND, child_N, u_D, w_CD = _one_parent_three_children()
+    cfg = ArchConfig(
+        arch="moe", width=1, k=1, children=3, subspace=3, center=False, expert_blind_to_parent=True
+    )
+    model = build_model(cfg, 16, seed=0)
+    with torch.no_grad():
+        model.W_dec_FD.copy_(u_D[None])
+        model.W_enc_DF.copy_(u_D[:, None])
+        model.P_down_FSD[0] = w_CD
+        model.P_up_FSD[0] = w_CD
+        atoms = unit_rows(torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 1.0], [-1.0, -1.0, -1.0]]))
+        model.D_dec_FCS[0] = atoms
+        model.E_enc_FCS[0] = atoms  # values = projections: slot 0 leaves a part along w0 - w1
+    x_n = model.normalize(x_ND)[0]
+    before = model.E_enc_FCS.detach().clone()
+    assert revive_children(model, x_n) == 1
+    assert torch.equal(model.E_enc_FCS.detach()[0, :2], before[0, :2])
+    atom = model.D_dec_FCS.detach()[0, 2]
+    assert float(atom[2].abs()) < 0.2 and float((atom[0] + atom[1]).abs()) < 0.2  # along w0 - w1
+    kept = model.encode(x_ND)[1].indices[:, 0]
+    takes = kept == 2
+    assert takes.float().mean() > 0.1 and bool((child_N[takes] != 2).all())
+    assert revive_children(model, x_n) == 0  # nothing starved any more

@@ -219,6 +219,42 @@ def fold_dense_parents(model: MoEHSAE, x_raw_BD: Tensor, max_density: float) -> 
     return dense
 
 
+@torch.no_grad()
+def revive_children(model: MoEHSAE, x_BD: Tensor) -> int:
+    """Re-seeds each starved child (one that takes less than 1/(4C) of its expert's sample tokens, in an
+    expert with at least 4·C of them) on what its expert's tokens leave unexplained: the subspace residual
+    of one of those tokens, drawn in proportion to its squared norm, as decoder atom and, at the mean norm
+    of the expert's other encoders, as encoder row. The expert's other children keep their weights. Returns
+    the count revived."""
+    C = model.n_children
+    codes, kept, _, _ = model._codes(x_BD)
+    on = kept.indices >= 0
+    use_FC = torch.bincount(kept.indices[on], minlength=model.n_parents * C).view(-1, C)
+    total_F1 = use_FC.sum(1, keepdim=True)
+    starved_FC = (use_FC * 4 * C < total_F1) & (total_F1 >= 4 * C) & ~model.dormant_FC
+    if not bool(starved_FC.any()):
+        return 0
+    residual_BD = x_BD - model.decode(codes, level=0) - model._decode_child_code(kept)
+    experts_N = torch.where(on, kept.indices // C, -1).reshape(-1)
+    tokens_N = tokens_like(kept.indices).reshape(-1)
+    generator = torch.Generator(device=x_BD.device).manual_seed(int(total_F1.sum()) + 3)
+    revived = 0
+    for j in torch.nonzero(starved_FC.any(1)).squeeze(1).tolist():
+        r_nS = residual_BD[tokens_N[experts_N == j]] @ model.P_down_FSD[j].T
+        slots = torch.nonzero(starved_FC[j]).squeeze(1)
+        weight_n = r_nS.pow(2).sum(-1)
+        if int((weight_n > 0).sum()) < len(slots):
+            continue
+        picks = torch.multinomial(weight_n, len(slots), replacement=False, generator=generator)
+        atoms_CS = unit_rows(r_nS[picks])
+        alive = ~starved_FC[j] & ~model.dormant_FC[j]
+        gain = model.E_enc_FCS[j][alive].norm(dim=-1).mean() if bool(alive.any()) else torch.tensor(1.0)
+        model.D_dec_FCS[j, slots] = atoms_CS
+        model.E_enc_FCS[j, slots] = atoms_CS * gain
+        revived += len(slots)
+    return revived
+
+
 REFIT_STEPS = (1.0, 0.5, 0.25, 0.125, 0.0)
 
 
@@ -411,6 +447,7 @@ class MoEHSAE(HSAE):
     def __init__(self, cfg: ArchConfig, d_in: int):
         super().__init__(cfg, d_in)
         self.init_steps: set[int] = set()  # resolved by `start_training`
+        self.revive_steps: set[int] = set()
         F_, C, S = cfg.width, cfg.children, cfg.subspace
         self.n_parents, self.n_children, self.subspace_dim, self.k = F_, C, S, cfg.k
         self.theta = 1.0 / math.sqrt(d_in)
@@ -566,12 +603,13 @@ class MoEHSAE(HSAE):
     # ---- experts re-initialised from data ---------------------------------------------------------------
     def start_training(self, total_steps: int) -> None:
         self.init_steps = {max(1, round(f * total_steps)) for f in self.cfg.expert_init_at}
+        self.revive_steps = {max(1, round(f * total_steps)) for f in self.cfg.revive_children_at}
 
     def reassign_due(self, step: int) -> bool:
-        return step in self.init_steps
+        return step in self.init_steps or step in self.revive_steps
 
     def reassign_tokens(self) -> int:
-        return self.cfg.reassign_tokens if self.init_steps else 0
+        return self.cfg.reassign_tokens if self.init_steps or self.revive_steps else 0
 
     @torch.no_grad()
     def reassign(self, sample_raw_ND: Tensor | None = None, step: int = 0) -> list[nn.Parameter]:
@@ -583,6 +621,9 @@ class MoEHSAE(HSAE):
             raise ValueError("re-initialising experts needs a sample of activations")
         cfg = self.cfg
         sample_raw_ND = sample_raw_ND.to(self.W_dec_FD.device).float()
+        if step not in self.init_steps:  # a revival round only
+            revive_children(self, self.normalize(sample_raw_ND)[0])
+            return [self.E_enc_FCS, self.D_dec_FCS]
         first = step <= min(self.init_steps, default=0)
         folded = []
         if first and cfg.center and cfg.fold_density < 1:
