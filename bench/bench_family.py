@@ -44,6 +44,8 @@ VARIANTS: dict[str, tuple[str, str, dict, dict]] = {
     "  - merge of split parents": ("moe", "project", {"merge_cos": 1.0}, {}),
     "  - refit of parents": ("moe", "project", {"refit_parents": False}, {}),
     "  - revival of starved children": ("moe", "project", {"revive_children_at": []}, {}),
+    "  - every expert redone (starved only)": ("moe", "project", {"expert_reinit": "starved"}, {}),
+    "  - split children merged": ("moe", "project", {"child_separation": 0.0}, {}),
     "  + late round, all experts, blind P↓, split children merged": ("moe", "project", CLUSTERED, {}),
     "  + the same and promoted children freed": ("moe", "project", {**CLUSTERED, "promoted_share": 0.5}, {}),
     "tree project": ("tree", "project", {}, {}),

@@ -126,10 +126,13 @@ def test_moe_expert_init_ingredients_are_the_projects_and_checked():
     assert not paper.center and paper.center_quantile is None and paper.fold_density == 1
     tree = RunConfig.compose({"arch": "tree", "levels": [8, 16]}, {}, "paper").arch
     assert tree.center_quantile is None
+    # every expert redone at each round, clusters cut in two merged: the project's, not the paper's
+    assert project.expert_reinit == "all" and project.child_separation == 2.0
+    assert paper.expert_reinit == "starved" and paper.child_separation == 0
+    assert project.revive_children_at == [0.7, 0.85] and paper.revive_children_at == []
     # options that found more children on the synthetic family but cost explained variance or children on
     # SmolLM2: off in both
     for arch in (project, paper):
-        assert arch.expert_reinit == "starved" and arch.child_separation == 0
         assert 0.8 not in arch.expert_init_at
         assert not arch.expert_blind_to_parent and arch.promoted_share == 1
     for fields, message in [

@@ -8,12 +8,12 @@ one single-threaded process per core (about 5 minutes on two cores). The floors 
 of the 3 seeds measured for each generator (see bench/bench_family.py for the ablation and the paper preset):
 
   moe          parents          children         edge precision    (seeds 0 / 1 / 2, this 2-core CPU)
-  centred      1.00 1.00 1.00   0.97 0.98 0.98   1.00 0.98 0.98
-  leaning      0.96 1.00 1.00   0.94 0.98 0.95   0.99 1.00 1.00
-  uneven       0.96 1.00 0.96   0.94 0.91 0.86   0.98 0.99 0.96
+  centred      1.00 1.00 1.00   0.97 0.98 0.97   0.98 0.98 0.97
+  leaning      0.96 1.00 1.00   0.96 0.99 0.95   0.98 1.00 1.00
+  uneven       0.96 0.96 0.96   0.94 0.91 0.88   0.98 0.99 0.97
   raw-scale    1.00 1.00 0.97   1.00 1.00 0.98   1.00 1.00 1.00
-  orthogonal   1.00 1.00 1.00   0.89 0.94 0.91   0.96 0.98 0.93
-  close        1.00 1.00 0.94   0.78 0.85 0.82   1.00 1.00 1.00
+  orthogonal   1.00 1.00 1.00   0.88 0.97 0.95   0.97 0.96 0.94
+  close        1.00 1.00 0.94   0.83 0.89 0.84   1.00 1.00 1.00
   tree
   centred      1.00 1.00 1.00   1.00 0.98 0.98   0.98 1.00 0.94
   leaning      0.96 1.00 1.00   0.93 0.96 0.94   0.98 1.00 1.00
@@ -41,7 +41,8 @@ the tree's `centred` parents / edges from 0.94 / 0.86 to 1.00 / 0.94; the MoE's 
 0.96 / 0.86 to 0.93 / 0.91 / 0.88). Over the 18 runs the MoE's mean children went from 0.922 to 0.924,
 the tree's stayed 0.95. Then the MoE's starved children were revived at 70% and 85% of the run
 (`revive_children_at`, for SmolLM2's dead children): mean 0.927, `orthogonal` edges 0.89 -> 0.93 on seed 2,
-the table above.
+and every expert redone at each round with clusters cut in two merged (`expert_reinit` all,
+`child_separation` 2): mean 0.938, worst seed 0.83 (`close`), the table above.
 
 The issue's goal (>= 0.9 children, >= 0.95 parents, edge precision >= 0.9 on every generator) is met by the
 MoE on `centred`, `leaning` and `raw-scale`, and by the tree on `centred`, `leaning` (parents 0.96),
@@ -67,10 +68,10 @@ SEEDS = (0, 1, 2)
 FLOORS = {
     ("moe", "centred"): (0.95, 0.95, 0.95),
     ("moe", "leaning"): (0.95, 0.9, 0.95),
-    ("moe", "uneven"): (0.95, 0.8, 0.95),
+    ("moe", "uneven"): (0.95, 0.85, 0.95),
     ("moe", "raw-scale"): (0.95, 0.95, 0.95),
     ("moe", "orthogonal"): (0.95, 0.85, 0.9),
-    ("moe", "close"): (0.9, 0.75, 0.95),
+    ("moe", "close"): (0.9, 0.8, 0.95),
     ("tree", "centred"): (0.95, 0.95, 0.9),
     ("tree", "leaning"): (0.95, 0.9, 0.95),
     ("tree", "uneven"): (0.9, 0.8, 0.9),

@@ -138,7 +138,7 @@ def test_an_expert_with_fewer_children_than_slots_leaves_the_rest_dormant():
 
 
 def test_without_separation_every_slot_is_used():
-    """The default (`child_separation=0`): the six slots split the three children between them."""
+    """The paper's setting (`child_separation=0`): the six slots split the three children between them."""
     model, x_ND, _ = _six_slots_on_the_true_parent(child_separation=0.0)
     init_experts(model, model.normalize(x_ND)[0], only_starved=False)
     assert not bool(model.dormant_FC.any())
