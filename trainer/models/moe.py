@@ -139,13 +139,17 @@ def grouped_matvec_buckets(x_BD: Tensor, tokens_N: Tensor, experts_N: Tensor, W_
     return torch.cat(pieces)[torch.argsort(torch.cat(positions))]
 
 
+def _residual(model: MoEHSAE, x_BD: Tensor, codes: list[LevelCode], kept: LevelCode) -> Tensor:
+    """[B, D]: x − x̂ with the parents and the kept children, as training reconstructs."""
+    return x_BD - model.decode(codes, level=0) - model._decode_child_code(kept)
+
+
 def _seed_residuals(
     model: MoEHSAE, x_BD: Tensor, codes: list[LevelCode], kept: LevelCode, n: int, generator: torch.Generator
 ) -> Tensor:
-    """[n, D]: the residuals (x − x̂, parents and kept children) of n sample tokens drawn in proportion to
-    their squared residual, where freed or folded top-level latents are re-seeded, as dead latents are
-    resampled."""
-    residual_BD = x_BD - model.decode(codes, level=0) - model._decode_child_code(kept)
+    """[n, D]: the residuals (`_residual`) of n sample tokens drawn in proportion to their squared residual,
+    where freed or folded top-level latents are re-seeded, as dead latents are resampled."""
+    residual_BD = _residual(model, x_BD, codes, kept)
     return residual_BD[torch.multinomial(residual_BD.pow(2).sum(-1), n, generator=generator)]
 
 
@@ -234,13 +238,18 @@ def revive_children(model: MoEHSAE, x_BD: Tensor) -> int:
     starved_FC = (use_FC * 4 * C < total_F1) & (total_F1 >= 4 * C) & ~model.dormant_FC
     if not bool(starved_FC.any()):
         return 0
-    residual_BD = x_BD - model.decode(codes, level=0) - model._decode_child_code(kept)
-    experts_N = torch.where(on, kept.indices // C, -1).reshape(-1)
-    tokens_N = tokens_like(kept.indices).reshape(-1)
+    residual_BD = _residual(model, x_BD, codes, kept)
+    # the pairs sorted by expert once (as `init_experts` does), each expert's tokens a slice
+    experts_N = kept.indices[on] // C
+    order = torch.argsort(experts_N, stable=True)
+    tokens_N = tokens_like(kept.indices)[on][order]
+    starts_F = (total_F1.squeeze(1).cumsum(0) - total_F1.squeeze(1)).tolist()
+    counts_F = total_F1.squeeze(1).tolist()
     generator = torch.Generator(device=x_BD.device).manual_seed(int(total_F1.sum()) + 3)
     revived = 0
     for j in torch.nonzero(starved_FC.any(1)).squeeze(1).tolist():
-        r_nS = residual_BD[tokens_N[experts_N == j]] @ model.P_down_FSD[j].T
+        tokens_n = tokens_N[starts_F[j] : starts_F[j] + counts_F[j]]
+        r_nS = residual_BD[tokens_n] @ model.P_down_FSD[j].T
         slots = torch.nonzero(starved_FC[j]).squeeze(1)
         weight_n = r_nS.pow(2).sum(-1)
         if int((weight_n > 0).sum()) < len(slots):
