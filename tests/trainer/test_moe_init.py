@@ -93,14 +93,19 @@ def _one_parent_three_children(n: int = 3000, seed: int = 5):
     return x_ND, child_N, u_D, w_CD
 
 
+def _one_parent_model(decoder_D: torch.Tensor, encoder_D: torch.Tensor, **fields):
+    """A MoE of one parent (width 1, k 1, not centred) in `_one_parent_three_children`'s 16 dimensions, its
+    top-level decoder and encoder set; `fields` are the rest of its ArchConfig (children, subspace, ...)."""
+    model = build_model(ArchConfig(arch="moe", width=1, k=1, center=False, **fields), 16, seed=0)
+    with torch.no_grad():
+        model.W_dec_FD.copy_(decoder_D[None])
+        model.W_enc_DF.copy_(encoder_D[:, None])
+    return model
+
 def test_refit_moves_a_parent_leaning_towards_one_child_to_the_centre_of_its_children():
     x_ND, _, u_D, w_CD = _one_parent_three_children()
-    cfg = ArchConfig(arch="moe", width=1, k=1, children=3, subspace=2, center=False)
-    model = build_model(cfg, 16, seed=0)
     leaning_D = unit_rows(u_D + 0.6 * w_CD[0])
-    with torch.no_grad():
-        model.W_dec_FD.copy_(leaning_D[None])
-        model.W_enc_DF.copy_(u_D[:, None])
+    model = _one_parent_model(leaning_D, u_D, children=3, subspace=2)
     x_n = model.normalize(x_ND)[0]
     refit_parent_decoders(model, x_n)
     d_D = unit_rows(model.W_dec_FD.detach()[0])
@@ -113,13 +118,7 @@ def _six_slots_on_the_true_parent(child_separation: float):
     """(model, rows, true child per row): one parent already on `_one_parent_three_children`'s u, an expert
     of six slots for its three children."""
     x_ND, child_N, u_D, _ = _one_parent_three_children()
-    cfg = ArchConfig(
-        arch="moe", width=1, k=1, children=6, subspace=3, center=False, child_separation=child_separation
-    )
-    model = build_model(cfg, 16, seed=0)
-    with torch.no_grad():
-        model.W_dec_FD.copy_(u_D[None])
-        model.W_enc_DF.copy_(u_D[:, None])
+    model = _one_parent_model(u_D, u_D, children=6, subspace=3, child_separation=child_separation)
     return model, x_ND, child_N
 
 
@@ -221,12 +220,9 @@ def test_the_experts_subspace_is_orthogonal_to_its_parent_after_whitening():
     parent's own value, which is the same for all of them."""
     x_ND, child_N, u_D, _ = _one_parent_three_children()
     x_ND = x_ND * (0.5 + torch.rand(len(x_ND), 1, generator=torch.Generator().manual_seed(1)))  # magnitudes
-    cfg = ArchConfig(arch="moe", width=1, k=1, children=3, subspace=3, center=False)
-    model = build_model(cfg, 16, seed=0)
     leaning_D = unit_rows(u_D + 0.3 * torch.randn(16, generator=torch.Generator().manual_seed(2)))
-    with torch.no_grad():
-        model.W_dec_FD.copy_(leaning_D[None])  # a parent direction that leaves much along itself
-        model.W_enc_DF.copy_(0.7 * leaning_D[:, None])  # values short of the projection: residual along d
+    # a parent direction that leaves much along itself, and values short of the projection: residual along d
+    model = _one_parent_model(leaning_D, 0.7 * leaning_D, children=3, subspace=3)
     assert init_experts(model, model.normalize(x_ND)[0], only_starved=False) == 1
     assert float((model.P_down_FSD.detach()[0] @ leaning_D).abs().max()) < 1e-5
     kept = model.encode(x_ND)[1].indices[:, 0]
@@ -278,13 +274,8 @@ def test_a_starved_child_is_revived_on_its_experts_residual_and_the_others_keep_
     no token is. Revived, slot 2 is re-seeded on the residual of one of the expert's tokens (which the merged
     slot leaves along w0 - w1), and it takes tokens of child 0 or 1; slots 0 and 1 are unchanged."""
     x_ND, child_N, u_D, w_CD = _one_parent_three_children()
-    cfg = ArchConfig(
-        arch="moe", width=1, k=1, children=3, subspace=3, center=False, expert_blind_to_parent=True
-    )
-    model = build_model(cfg, 16, seed=0)
+    model = _one_parent_model(u_D, u_D, children=3, subspace=3, expert_blind_to_parent=True)
     with torch.no_grad():
-        model.W_dec_FD.copy_(u_D[None])
-        model.W_enc_DF.copy_(u_D[:, None])
         model.P_down_FSD[0] = w_CD
         model.P_up_FSD[0] = w_CD
         atoms = unit_rows(torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 1.0], [-1.0, -1.0, -1.0]]))
