@@ -130,6 +130,7 @@ def test_moe_expert_init_ingredients_are_the_projects_and_checked():
     assert project.expert_reinit == "all" and project.child_separation == 2.0
     assert paper.expert_reinit == "starved" and paper.child_separation == 0
     assert project.revive_children_at == [0.7, 0.85] and paper.revive_children_at == []
+    assert project.polish_at == [0.8] and paper.polish_at == []
     # options that found more children on the synthetic family but cost explained variance or children on
     # SmolLM2: off in both
     for arch in (project, paper):
@@ -142,6 +143,7 @@ def test_moe_expert_init_ingredients_are_the_projects_and_checked():
         ({"promoted_share": -0.1}, r"promoted_share must be in \[0, 1\]"),
         ({"center_quantile": 1.5}, r"center_quantile must be in \[0, 1\] or null"),
         ({"fold_density": 0.0}, r"fold_density must be in \(0, 1\]"),
+        ({"polish_at": [1.2]}, r"polish_at must hold fractions of the run in \(0, 1\)"),
     ]:
         with pytest.raises(ConfigError, match=message):
             ArchConfig(arch="moe", **fields)

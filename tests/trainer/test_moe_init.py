@@ -291,3 +291,63 @@ def test_a_starved_child_is_revived_on_its_experts_residual_and_the_others_keep_
     takes = kept == 2
     assert takes.float().mean() > 0.1 and bool((child_N[takes] != 2).all())
     assert revive_children(model, x_n) == 0  # nothing starved any more
+
+
+def _fragmented_parent():
+    """A MoE of two top-level latents that are fragments of `_one_parent_three_children`'s parent (one
+    leans to child 0, one to child 1; decoder cosine 0.74, never on the same row with k = 1), a round
+    scheduled at 50% of a 100-step run and a polish round at 80%."""
+    x_ND, _, u_D, w_CD = _one_parent_three_children()
+    fields = {"width": 2, "k": 1, "center": False, "children": 3, "subspace": 3}
+    model = build_model(ArchConfig(arch="moe", expert_init_at=[0.5], polish_at=[0.8], **fields), 16, seed=0)
+    fragments_2D = unit_rows(u_D + 0.6 * w_CD[:2])
+    with torch.no_grad():
+        model.W_dec_FD.copy_(fragments_2D)
+        model.W_enc_DF.copy_(fragments_2D.T)
+    model.start_training(100)
+    return model, x_ND
+
+
+def test_a_polish_round_redoes_the_experts_and_leaves_the_top_levels_latents_alone():
+    """Late in the run (`polish_at`) experts are redone and parents refitted, but fragments are not merged:
+    a freed latent would have too little of the run left to find a feature. An `expert_init_at` round on
+    the same model merges them."""
+    model, x_ND = _fragmented_parent()
+    assert model.reassign_due(80) and model.reassign_due(50) and not model.reassign_due(60)
+    encoders = model.W_enc_DF.detach().clone()
+    experts = model.E_enc_FCS.detach().clone()
+    model.reassign(x_ND, 80)
+    assert torch.equal(model.W_enc_DF.detach(), encoders)  # nothing merged, freed or re-seeded
+    assert not torch.equal(model.E_enc_FCS.detach(), experts)  # the experts are redone
+    codes = model.encode(x_ND)[0]
+    assert len(fragment_pairs(codes.indices, model.W_dec_FD.detach(), 0.5, codes.values)) == 1
+
+    model, x_ND = _fragmented_parent()
+    model.reassign(x_ND, 50)
+    assert not torch.equal(model.W_enc_DF.detach(), encoders)
+    codes = model.encode(x_ND)[0]
+    assert fragment_pairs(codes.indices, model.W_dec_FD.detach(), 0.5, codes.values) == []
+
+
+def test_a_polish_round_redoes_an_expert_only_where_the_fresh_one_explains_its_tokens_better():
+    """An expert whose slot 0 takes two true children (slot 2 points where no token is) is redone, and then
+    each true child has a slot of its own; the expert just found from the same sample is kept (its fresh
+    copy is no better), so an expert that training has fitted is left to keep what it learned."""
+    x_ND, child_N, u_D, w_CD = _one_parent_three_children()
+    model = _one_parent_model(u_D, u_D, children=3, subspace=3, refit_parents=False)
+    with torch.no_grad():
+        model.P_down_FSD[0] = w_CD
+        model.P_up_FSD[0] = w_CD
+        atoms = unit_rows(torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 1.0], [-1.0, -1.0, -1.0]]))
+        model.D_dec_FCS[0] = atoms
+        model.E_enc_FCS[0] = atoms
+    x_n = model.normalize(x_ND)[0]
+    assert init_experts(model, x_n, only_starved=False, only_better=True) == 1
+    kept = model.encode(x_ND)[1].indices[:, 0]
+    for true in range(3):
+        _, counts = kept[child_N == true].unique(return_counts=True)
+        assert counts.max() / counts.sum() > 0.98
+    assert len(kept.unique()) == 3
+    experts = model.E_enc_FCS.detach().clone()
+    assert init_experts(model, x_n, only_starved=False, only_better=True) == 0
+    assert torch.equal(model.E_enc_FCS.detach(), experts)

@@ -302,7 +302,9 @@ def refit_parent_decoders(model: MoEHSAE, x_BD: Tensor) -> None:
 
 
 @torch.no_grad()
-def init_experts(model: MoEHSAE, x_BD: Tensor, only_starved: bool, also: Collection[int] = ()) -> int:
+def init_experts(
+    model: MoEHSAE, x_BD: Tensor, only_starved: bool, also: Collection[int] = (), only_better: bool = False
+) -> int:
     """Re-initialises experts from data. For each parent j, the residuals x − x̂_top of the sample tokens
     where j fires, less their part along j's decoder row d_j, give the subspace: P↓_j = P↑_jᵀ span the s
     directions where j's residuals exceed the residuals of all sample tokens most (principal directions after
@@ -327,7 +329,15 @@ def init_experts(model: MoEHSAE, x_BD: Tensor, only_starved: bool, also: Collect
     random start left one or two children of each expert taking all its tokens and the others starved.
     Experts with fewer than 4·C tokens in the sample keep their weights. With `only_starved`, only experts
     with a child that takes less than 1/(4C) of the expert's tokens are redone, and those in `also` (parents
-    just merged, whose expert now covers both fragments). Returns the count redone."""
+    just merged, whose expert now covers both fragments). With `only_better` (a polish round), an expert
+    outside `also` is redone only where the fresh one, as the model would run it (before `_calibrate`),
+    reconstructs what its tokens leave without it better than the current one does (`_expert_output`).
+    Returns the count redone.
+
+    Why the guard is the reconstruction as run, not each child at its best value: k-means centroids are
+    exactly the directions that fit the tokens best, so by that measure a fresh expert beats a trained one
+    nearly always; on SmolLM2 a polish round that redid every expert cost 0.03 of held-out explained
+    variance (0.816 -> 0.784; judged at best values, 0.785), with the guard as run 0.815."""
     C, S = model.n_children, model.subspace_dim
     codes, kept, _, _ = model._codes(x_BD)
     parent = codes[0]
@@ -345,6 +355,8 @@ def init_experts(model: MoEHSAE, x_BD: Tensor, only_starved: bool, also: Collect
         starved_F = (use_FC < use_FC.sum(1, keepdim=True) / (4 * C)).any(1)
     generator = torch.Generator(device=x_BD.device).manual_seed(int(counts_F.sum()))
     whiten_DD = _inverse_sqrt(residual_BD.T @ residual_BD / len(residual_BD))
+    if only_better:  # what each token leaves unexplained with every kept child, the expert's own added back
+        left_BD = _residual(model, x_BD, codes, kept)
     redone = []
     for j, n in enumerate(counts_F.tolist()):
         if n < 4 * C or (only_starved and not bool(starved_F[j]) and j not in also):
@@ -377,15 +389,37 @@ def init_experts(model: MoEHSAE, x_BD: Tensor, only_starved: bool, also: Collect
         target_n = (r_nS * centroids_CS[nearest_n]).sum(-1).clamp_min(0)
         read_n = ((x_BD[tokens_n] @ basis_SD.T) * centroids_CS[nearest_n]).sum(-1)
         gain = float((read_n * target_n).sum() / read_n.pow(2).sum().clamp_min(EPS))
+        E_CS = centroids_CS * max(gain, 0.0) * alive_C[:, None]
+        if only_better and j not in also:
+            x_nD = x_BD[tokens_n]
+            old_nD = _expert_output(model, x_nD, model.P_down_FSD[j], model.P_up_FSD[j], model.E_enc_FCS[j],
+                                    model.D_dec_FCS[j], model.dormant_FC[j])
+            new_nD = _expert_output(model, x_nD, basis_SD, basis_SD, E_CS, centroids_CS, ~alive_C)
+            target_nD = left_BD[tokens_n] + old_nD  # what the expert is there to reconstruct
+            if float((target_nD - new_nD).pow(2).sum()) >= float((target_nD - old_nD).pow(2).sum()):
+                continue
         model.P_down_FSD[j] = basis_SD
         model.P_up_FSD[j] = basis_SD
-        model.E_enc_FCS[j] = centroids_CS * max(gain, 0.0) * alive_C[:, None]
+        model.E_enc_FCS[j] = E_CS
         model.D_dec_FCS[j] = centroids_CS
         model.dormant_FC[j] = ~alive_C
         redone.append(j)
     if redone:
         _calibrate(model, x_BD, torch.tensor(redone, device=x_BD.device))
     return len(redone)
+
+
+def _expert_output(
+    model: MoEHSAE, x_nD: Tensor, P_down_SD: Tensor, P_up_SD: Tensor, E_CS: Tensor, D_CS: Tensor,
+    dormant_C: Tensor,
+) -> Tensor:
+    """[n, D]: what one expert of these weights adds to each of its tokens, as `MoEHSAE._children` and
+    `_decode_children` compute it: its argmax child's leaky code (dormant slots never) times that child's
+    atom, lifted by P↑."""
+    h_nC = (x_nD @ P_down_SD.T) @ E_CS.T
+    h_nC = torch.where(h_nC >= model.theta, h_nC, LEAK * h_nC).masked_fill(dormant_C, float("-inf"))
+    value_n, slot_n = h_nC.max(-1)
+    return (value_n[:, None] * D_CS[slot_n]) @ P_up_SD
 
 
 def _calibrate(model: MoEHSAE, x_BD: Tensor, experts: Tensor) -> float:
@@ -457,6 +491,7 @@ class MoEHSAE(HSAE):
         super().__init__(cfg, d_in)
         self.init_steps: set[int] = set()  # resolved by `start_training`
         self.revive_steps: set[int] = set()
+        self.polish_steps: set[int] = set()
         F_, C, S = cfg.width, cfg.children, cfg.subspace
         self.n_parents, self.n_children, self.subspace_dim, self.k = F_, C, S, cfg.k
         self.theta = 1.0 / math.sqrt(d_in)
@@ -613,24 +648,28 @@ class MoEHSAE(HSAE):
     def start_training(self, total_steps: int) -> None:
         self.init_steps = {max(1, round(f * total_steps)) for f in self.cfg.expert_init_at}
         self.revive_steps = {max(1, round(f * total_steps)) for f in self.cfg.revive_children_at}
+        self.polish_steps = {max(1, round(f * total_steps)) for f in self.cfg.polish_at}
 
     def reassign_due(self, step: int) -> bool:
-        return step in self.init_steps or step in self.revive_steps
+        return step in self.init_steps or step in self.revive_steps or step in self.polish_steps
 
     def reassign_tokens(self) -> int:
-        return self.cfg.reassign_tokens if self.init_steps or self.revive_steps else 0
+        return self.cfg.reassign_tokens if self.init_steps or self.revive_steps or self.polish_steps else 0
 
     @torch.no_grad()
     def reassign(self, sample_raw_ND: Tensor | None = None, step: int = 0) -> list[nn.Parameter]:
         """Re-initialises experts from what their parents leave unexplained (see `init_experts`): at the
         first scheduled step every expert, later every expert or only those with a starved child
         (`expert_reinit`). Before that, promoted children are freed, split parents merged and the parents'
-        decoder rows refitted (each as configured)."""
+        decoder rows refitted (each as configured). A polish round (`polish_at`) only refits the parents'
+        rows and redoes the experts whose fresh children explain their tokens better; a revival round
+        (`revive_children_at`) only re-seeds starved children."""
         if sample_raw_ND is None:
             raise ValueError("re-initialising experts needs a sample of activations")
         cfg = self.cfg
         sample_raw_ND = sample_raw_ND.to(self.W_dec_FD.device).float()
-        if step not in self.init_steps:  # a revival round only
+        polish = step in self.polish_steps and step not in self.init_steps
+        if step not in self.init_steps and not polish:  # a revival round only
             revive_children(self, self.normalize(sample_raw_ND)[0])
             return [self.E_enc_FCS, self.D_dec_FCS]
         first = step <= min(self.init_steps, default=0)
@@ -638,12 +677,15 @@ class MoEHSAE(HSAE):
         if first and cfg.center and cfg.fold_density < 1:
             folded = fold_dense_parents(self, sample_raw_ND, cfg.fold_density)
         x_BD = self.normalize(sample_raw_ND)[0]
-        adopted = free_promoted_children(self, x_BD, cfg.promoted_share) if cfg.promoted_share < 1 else []
-        merged = merge_fragments(self, x_BD, cfg.merge_cos) if cfg.merge_cos < 1 else []
+        adopted, merged = [], []  # a polish round leaves the top level's latents as they are
+        if cfg.promoted_share < 1 and not polish:
+            adopted = free_promoted_children(self, x_BD, cfg.promoted_share)
+        if cfg.merge_cos < 1 and not polish:
+            merged = merge_fragments(self, x_BD, cfg.merge_cos)
         if cfg.refit_parents:
             refit_parent_decoders(self, x_BD)
         only_starved = not first and cfg.expert_reinit == "starved"
-        init_experts(self, x_BD, only_starved=only_starved, also={*adopted, *merged})
+        init_experts(self, x_BD, only_starved=only_starved, also={*adopted, *merged}, only_better=polish)
         if cfg.expert_blind_to_parent:
             self.project_out_parents()
         top = [self.W_enc_DF, self.W_dec_FD] if folded or adopted or merged or cfg.refit_parents else []
