@@ -11,7 +11,7 @@ would give (`HierarchySpec.model_sizes`); everything else is the preset's defaul
     .venv/bin/python bench/bench_family.py [--seeds 3] [--steps 1500] [--rows 60000] [--only NAME,...]
 
 About 10-30 s per model on one CPU thread at the default steps (those of the family quality test), one
-process per core; the full table (6 generators x 3 seeds x 15 models) takes ~55 min on the 2-core
+process per core; the full table (6 generators x 3 seeds x 16 models) takes ~60 min on the 2-core
 development machine, so --only, --variants and --seeds pick a part.
 """
 
@@ -47,6 +47,7 @@ VARIANTS: dict[str, tuple[str, str, dict, dict]] = {
     "  - every expert redone (starved only)": ("moe", "project", {"expert_reinit": "starved"}, {}),
     "  - split children merged": ("moe", "project", {"child_separation": 0.0}, {}),
     "  - polish round": ("moe", "project", {"polish_at": []}, {}),
+    "  - dead parents re-seeded": ("moe", "project", {"reseed_dead_parents": False}, {}),
     "  + late round, all experts, blind P↓, split children merged": ("moe", "project", CLUSTERED, {}),
     "  + the same and promoted children freed": ("moe", "project", {**CLUSTERED, "promoted_share": 0.5}, {}),
     "tree project": ("tree", "project", {}, {}),

@@ -131,6 +131,7 @@ def test_moe_expert_init_ingredients_are_the_projects_and_checked():
     assert paper.expert_reinit == "starved" and paper.child_separation == 0
     assert project.revive_children_at == [0.7, 0.85] and paper.revive_children_at == []
     assert project.polish_at == [0.8] and paper.polish_at == []
+    assert project.reseed_dead_parents and not paper.reseed_dead_parents
     # options that found more children on the synthetic family but cost explained variance or children on
     # SmolLM2: off in both
     for arch in (project, paper):

@@ -21,7 +21,13 @@ from trainer.models.base import (
     spherical_kmeans,
     unit_rows,
 )
-from trainer.models.moe import fold_dense_parents, init_experts, refit_parent_decoders, revive_children
+from trainer.models.moe import (
+    fold_dense_parents,
+    init_experts,
+    refit_parent_decoders,
+    reseed_dead_parents,
+    revive_children,
+)
 
 
 def _clusters(
@@ -351,3 +357,30 @@ def test_a_polish_round_redoes_an_expert_only_where_the_fresh_one_explains_its_t
     experts = model.E_enc_FCS.detach().clone()
     assert init_experts(model, x_n, only_starved=False, only_better=True) == 0
     assert torch.equal(model.E_enc_FCS.detach(), experts)
+
+
+def test_a_dead_parent_is_reseeded_where_the_live_one_covers_two_true_parents():
+    """Rows carry one of two orthogonal parents u1, u2; latent 0 sits between them and takes every row,
+    latent 1 points away from all of them and never fires. Re-seeded on the residual of a badly
+    reconstructed row (u1 or u2 less its part along latent 0: the direction u1 - u2 or its opposite), it
+    fires on one true parent's rows; a second call finds nothing dead."""
+    g = torch.Generator().manual_seed(0)
+    basis = torch.linalg.qr(torch.randn(16, 16, generator=g)).Q.T
+    which_N = torch.randint(2, (2000,), generator=g)
+    scale_N1 = 0.5 + torch.rand(2000, 1, generator=g)
+    x_ND = basis[which_N] * scale_N1 + 0.01 * torch.randn(2000, 16, generator=g)
+    between_D = unit_rows(basis[0] + basis[1])
+    config = ArchConfig(arch="moe", width=2, k=1, center=False, children=2, subspace=2)
+    model = build_model(config, 16, seed=0)
+    with torch.no_grad():
+        model.W_dec_FD.copy_(torch.stack([between_D, -between_D]))
+        model.W_enc_DF.copy_(torch.stack([between_D, -between_D]).T)
+    x_n = model.normalize(x_ND)[0]
+    assert not bool((model.encode(x_ND)[0].indices == 1).any())
+    assert reseed_dead_parents(model, x_n) == [1]
+    d_D = unit_rows(model.W_dec_FD.detach()[1])
+    assert abs(float(d_D @ between_D)) < 0.1 and abs(float(d_D @ unit_rows(basis[0] - basis[1]))) > 0.9
+    fires_N = (model.encode(x_ND)[0].indices == 1).any(1)
+    assert fires_N.float().mean() > 0.2
+    assert len(which_N[fires_N].unique()) == 1  # one true parent's rows
+    assert reseed_dead_parents(model, x_n) == []

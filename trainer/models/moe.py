@@ -192,6 +192,27 @@ def free_promoted_children(model: MoEHSAE, x_BD: Tensor, min_share: float) -> li
 
 
 @torch.no_grad()
+def reseed_dead_parents(model: MoEHSAE, x_BD: Tensor) -> list[int]:
+    """Re-seeds the top-level latents that fire on none of the sample's tokens on the residuals of badly
+    reconstructed tokens (`_seed_residuals`), as dead latents are resampled; returns them (their experts are
+    redone next). Why: a dead parent leaves the live ones to cover more true parents than they can. On the
+    synthetic `close` generator (seed 2) 9 of 24 top latents were dead at the end and one latent held two
+    true parents (IoU 0.70 with one, 0.32 with the other)."""
+    codes, kept, _, _ = model._codes(x_BD)
+    on_BK = codes[0].indices >= 0
+    fired_F = torch.bincount(codes[0].indices[on_BK], minlength=model.n_parents)
+    dead = torch.nonzero(fired_F == 0).squeeze(1).tolist()
+    if not dead:
+        return []
+    generator = torch.Generator(device=x_BD.device).manual_seed(len(x_BD) + 5)
+    seeds_PD = _seed_residuals(model, x_BD, codes, kept, len(dead), generator)
+    gain = model.W_enc_DF.norm(dim=0).mean()
+    for latent, seed_D in zip(dead, seeds_PD):
+        reseed_latent(model.W_enc_DF, model.W_dec_FD, latent, seed_D, gain)
+    return dead
+
+
+@torch.no_grad()
 def fold_dense_parents(model: MoEHSAE, x_raw_BD: Tensor, max_density: float) -> list[int]:
     """When some top-level latent fires on more than `max_density` of the sample's tokens, the subtracted
     offset (`input_mean_D`) falls back to the sample's mean and those latents are re-seeded on the residuals
@@ -680,6 +701,8 @@ class MoEHSAE(HSAE):
         adopted, merged = [], []  # a polish round leaves the top level's latents as they are
         if cfg.promoted_share < 1 and not polish:
             adopted = free_promoted_children(self, x_BD, cfg.promoted_share)
+        if cfg.reseed_dead_parents and not polish and step < max(self.init_steps):
+            adopted += reseed_dead_parents(self, x_BD)
         if cfg.merge_cos < 1 and not polish:
             merged = merge_fragments(self, x_BD, cfg.merge_cos)
         if cfg.refit_parents:
