@@ -153,6 +153,19 @@ def _seed_residuals(
     return residual_BD[torch.multinomial(residual_BD.pow(2).sum(-1), n, generator=generator)]
 
 
+def _reseed_parents(
+    model: MoEHSAE, x_BD: Tensor, codes: list[LevelCode], kept: LevelCode, latents: list[int], salt: int
+) -> None:
+    """Re-seeds each of `latents` along the residual of a sample token drawn as `_seed_residuals` draws
+    them (a generator seeded by the sample's length plus `salt`), its encoder at the level's mean encoder
+    norm, as dead latents are resampled."""
+    generator = torch.Generator(device=x_BD.device).manual_seed(len(x_BD) + salt)
+    seeds_PD = _seed_residuals(model, x_BD, codes, kept, len(latents), generator)
+    gain = model.W_enc_DF.norm(dim=0).mean()
+    for latent, seed_D in zip(latents, seeds_PD):
+        reseed_latent(model.W_enc_DF, model.W_dec_FD, latent, seed_D, gain)
+
+
 @torch.no_grad()
 def merge_fragments(model: MoEHSAE, x_BD: Tensor, min_cos: float, rounds: int = 4) -> list[int]:
     """Merges top-level latents that are fragments of one parent (`fragment_pairs`) into one parent whose
@@ -183,11 +196,7 @@ def free_promoted_children(model: MoEHSAE, x_BD: Tensor, min_share: float) -> li
     pairs = promoted_children(codes[0].indices, model.n_parents, min_share)
     if not pairs:
         return []
-    generator = torch.Generator(device=x_BD.device).manual_seed(len(x_BD) + 1)
-    seeds_PD = _seed_residuals(model, x_BD, codes, kept, len(pairs), generator)
-    gain = model.W_enc_DF.norm(dim=0).mean()
-    for (child, _), seed_D in zip(pairs, seeds_PD):
-        reseed_latent(model.W_enc_DF, model.W_dec_FD, child, seed_D, gain)
+    _reseed_parents(model, x_BD, codes, kept, [child for child, _ in pairs], salt=1)
     return [parent for _, parent in pairs]
 
 
@@ -204,11 +213,7 @@ def reseed_dead_parents(model: MoEHSAE, x_BD: Tensor) -> list[int]:
     dead = torch.nonzero(fired_F == 0).squeeze(1).tolist()
     if not dead:
         return []
-    generator = torch.Generator(device=x_BD.device).manual_seed(len(x_BD) + 5)
-    seeds_PD = _seed_residuals(model, x_BD, codes, kept, len(dead), generator)
-    gain = model.W_enc_DF.norm(dim=0).mean()
-    for latent, seed_D in zip(dead, seeds_PD):
-        reseed_latent(model.W_enc_DF, model.W_dec_FD, latent, seed_D, gain)
+    _reseed_parents(model, x_BD, codes, kept, dead, salt=5)
     return dead
 
 
@@ -236,11 +241,7 @@ def fold_dense_parents(model: MoEHSAE, x_raw_BD: Tensor, max_density: float) -> 
     model.input_mean_D.copy_(x_raw_BD.mean(0))
     x_BD = model.normalize(x_raw_BD)[0]  # the new offset's normalisation
     codes, kept, _, _ = model._codes(x_BD)
-    generator = torch.Generator(device=x_BD.device).manual_seed(len(x_BD) + 2)
-    seeds_PD = _seed_residuals(model, x_BD, codes, kept, len(dense), generator)
-    gain = model.W_enc_DF.norm(dim=0).mean()
-    for latent, seed_D in zip(dense, seeds_PD):
-        reseed_latent(model.W_enc_DF, model.W_dec_FD, latent, seed_D, gain)
+    _reseed_parents(model, x_BD, codes, kept, dense, salt=2)
     return dense
 
 
