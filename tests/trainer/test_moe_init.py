@@ -275,18 +275,27 @@ def test_a_fragment_picked_weakly_beside_its_twin_still_counts_as_a_fragment():
     assert fragment_pairs(indices, W_dec, 0.5) == []  # counting every row misses them
 
 
-def test_a_starved_child_is_revived_on_its_experts_residual_and_the_others_keep_their_weights():
-    """Slot 0 sits between true children 0 and 1 and takes both, slot 1 takes child 2, slot 2 points where
-    no token is. Revived, slot 2 is re-seeded on the residual of one of the expert's tokens (which the merged
-    slot leaves along w0 - w1), and it takes tokens of child 0 or 1; slots 0 and 1 are unchanged."""
+def _slot_on_two_children(**fields):
+    """(model, rows, true child per row): `_one_parent_three_children` with an expert whose subspace is the
+    children's span and whose slot 0 sits between true children 0 and 1, slot 1 on child 2, slot 2 where no
+    token is; encoders = atoms, so values are projections and slot 0 leaves a part along w0 - w1. `fields`
+    are the rest of the ArchConfig."""
     x_ND, child_N, u_D, w_CD = _one_parent_three_children()
-    model = _one_parent_model(u_D, u_D, children=3, subspace=3, expert_blind_to_parent=True)
+    model = _one_parent_model(u_D, u_D, children=3, subspace=3, **fields)
     with torch.no_grad():
         model.P_down_FSD[0] = w_CD
         model.P_up_FSD[0] = w_CD
         atoms = unit_rows(torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 1.0], [-1.0, -1.0, -1.0]]))
         model.D_dec_FCS[0] = atoms
-        model.E_enc_FCS[0] = atoms  # values = projections: slot 0 leaves a part along w0 - w1
+        model.E_enc_FCS[0] = atoms
+    return model, x_ND, child_N
+
+
+def test_a_starved_child_is_revived_on_its_experts_residual_and_the_others_keep_their_weights():
+    """Slot 0 sits between true children 0 and 1 and takes both, slot 1 takes child 2, slot 2 points where
+    no token is. Revived, slot 2 is re-seeded on the residual of one of the expert's tokens (which the merged
+    slot leaves along w0 - w1), and it takes tokens of child 0 or 1; slots 0 and 1 are unchanged."""
+    model, x_ND, child_N = _slot_on_two_children(expert_blind_to_parent=True)
     x_n = model.normalize(x_ND)[0]
     before = model.E_enc_FCS.detach().clone()
     assert revive_children(model, x_n) == 1
@@ -339,14 +348,7 @@ def test_a_polish_round_redoes_an_expert_only_where_the_fresh_one_explains_its_t
     """An expert whose slot 0 takes two true children (slot 2 points where no token is) is redone, and then
     each true child has a slot of its own; the expert just found from the same sample is kept (its fresh
     copy is no better), so an expert that training has fitted is left to keep what it learned."""
-    x_ND, child_N, u_D, w_CD = _one_parent_three_children()
-    model = _one_parent_model(u_D, u_D, children=3, subspace=3, refit_parents=False)
-    with torch.no_grad():
-        model.P_down_FSD[0] = w_CD
-        model.P_up_FSD[0] = w_CD
-        atoms = unit_rows(torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 1.0], [-1.0, -1.0, -1.0]]))
-        model.D_dec_FCS[0] = atoms
-        model.E_enc_FCS[0] = atoms
+    model, x_ND, child_N = _slot_on_two_children(refit_parents=False)
     x_n = model.normalize(x_ND)[0]
     assert init_experts(model, x_n, only_starved=False, only_better=True) == 1
     kept = model.encode(x_ND)[1].indices[:, 0]
