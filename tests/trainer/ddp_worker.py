@@ -18,10 +18,11 @@ import typer
 
 from trainer.activations import load_activation_file
 from trainer.cli import app
-from trainer.config import ConfigError, RunConfig
+from trainer.config import ConfigError
 from trainer.data import TensorSource
 from trainer.models import build_model
 from trainer.train import train
+from trainer.workflows import build_run_config
 
 ARCHES = ("topk", "moe", "tree")
 KILL_AT = 6
@@ -53,7 +54,7 @@ def main(folder: Path) -> None:
         print(f"rank {dist.get_rank()}: {err}", file=sys.stderr)
     for arch in ARCHES:
         train_cmd("--config", str(folder / f"{arch}.json"), "--out", str(folder / f"ddp-{arch}"))
-    run_cfg = RunConfig.load(folder / "tree.json")
+    run_cfg = build_run_config(folder / "tree.json", None, {}, {})  # as `--config` composes it
     source = DyingSource(load_activation_file(acts).rows_ND)
     model = build_model(run_cfg.arch, source.d_in, seed=run_cfg.train.seed)
     try:
@@ -74,7 +75,7 @@ def main(folder: Path) -> None:
 
 
 def _jumprelu_state_on_every_rank(folder: Path, source: TensorSource) -> None:
-    run_cfg = RunConfig.load(folder / "tree-jumprelu.json")
+    run_cfg = build_run_config(folder / "tree-jumprelu.json", None, {}, {})
     model = build_model(run_cfg.arch, source.d_in, seed=run_cfg.train.seed)
     train(
         model,

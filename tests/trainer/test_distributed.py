@@ -17,9 +17,8 @@ from safetensors.torch import load_file
 
 from tests.trainer.ddp_worker import ARCHES
 from tests.trainer.helpers import TINY_ARCHES
-from trainer.config import RunConfig
 from trainer.sources import DataSpec
-from trainer.workflows import run_training
+from trainer.workflows import build_run_config, run_training
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 8
@@ -75,7 +74,7 @@ def ddp_runs(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
 
 
 def _single(folder: Path, arch: str) -> Path:
-    run_cfg = RunConfig.load(folder / f"{arch}.json")
+    run_cfg = build_run_config(folder / f"{arch}.json", None, {}, {})  # as the CLI composes `--config`
     run_cfg.train.device, run_cfg.train.progress = "cpu", False
     out = folder / f"single-{arch}"
     if not out.exists():
