@@ -5,13 +5,14 @@ paper preset, the project preset with one ingredient switched back to the paper'
 project leaves off (they cost explained variance on real activations), then prints the
 fraction of true parents and children found (a learned latent whose firing rows have IoU ≥ 0.5 with the
 true feature's) and the edge precision. The same for the Tree HSAE, whose project preset differs from the
-paper's by the data initialisation of children and the co-activation re-assignment. Sizes are those a user
+paper's by the data initialisation of children, the co-activation re-assignment, the merge of split top
+latents and a floor under its TopK codes. Sizes are those a user
 would give (`HierarchySpec.model_sizes`); everything else is the preset's default.
 
     .venv/bin/python bench/bench_family.py [--seeds 3] [--steps 1500] [--rows 60000] [--only NAME,...]
 
 About 10-30 s per model on one CPU thread at the default steps (those of the family quality test), one
-process per core; the full table (6 generators x 3 seeds x 16 models) takes ~60 min on the 2-core
+process per core; the full table (6 generators x 3 seeds x 24 models) takes ~60 min on the 2-core
 development machine, so --only, --variants and --seeds pick a part.
 """
 
@@ -55,6 +56,8 @@ VARIANTS: dict[str, tuple[str, str, dict, dict]] = {
     "  - data init of children": ("tree", "project", {"child_init_at": []}, {}),
     "  - merge of split top latents": ("tree", "project", {"merge_cos": 1.0}, {}),
     "  - shared offset (b_dec from the mean)": ("tree", "project", {"center_quantile": None}, {}),
+    "  - TopK floor (plain TopK)": ("tree", "project", {"min_activation": 0.0}, {}),
+    "  + merge from cosine 0.4 (not adopted)": ("tree", "project", {"merge_cos": 0.4}, {}),
 }
 
 

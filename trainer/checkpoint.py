@@ -205,6 +205,8 @@ def _write_saelens_level(path: Path, model: HSAE, level: int, model_info: dict[s
             "hook_layer": model_info.get("layer"),
             "hsae_arch": model.arch,
             "hsae_level": level,
+            # a TopK level's floor: sae-lens also reports the firings below it
+            **({"hsae_min_activation": export.min_activation} if export.min_activation else {}),
         },
     }
     named = {"W_enc": export.W_enc_DF, "b_enc": export.b_enc_F, "W_dec": export.W_dec_FD}

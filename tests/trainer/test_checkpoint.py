@@ -12,9 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.trainer.helpers import D_IN, MODEL_INFO
+from tests.trainer.helpers import D_IN, MODEL_INFO, tiny_arch_config
 from trainer import checkpoint
 from trainer.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from trainer.models import build_model
+from trainer.models.tree import fit_floors
 
 
 def _save(model, run_dir, step=7):
@@ -60,6 +62,29 @@ def test_saelens_export_loads_and_encodes_like_us(prepared, rows, tmp_path):
         torch.testing.assert_close(feats, dense, atol=1e-4, rtol=1e-4)
         ours_raw = prepared.decode(ours, level) / prepared.input_scale
         torch.testing.assert_close(sae.decode(feats), ours_raw, atol=1e-4, rtol=1e-4)
+
+
+def test_a_floored_tree_exports_its_floor_and_sae_lens_agrees_above_it(rows, tmp_path):
+    """sae-lens's TopK has no floor (`min_activation`): the level exports as plain TopK with the floor in its
+    metadata, and sae-lens's code thresholded there is ours."""
+    from sae_lens import SAE  # slow to import: only here
+
+    model = build_model(tiny_arch_config("tree", min_activation=0.5), D_IN, seed=0)
+    model.prepare(torch.from_numpy(rows[:512]))
+    fit_floors(model, model.normalize(torch.from_numpy(rows[:512]))[0])
+    run = _save(model, tmp_path / "run")
+    x = torch.from_numpy(rows[:300])
+    ours = model.encode(x)
+    below = 0
+    for level in range(len(model.level_widths)):
+        sae = SAE.load_from_disk(run / "saelens" / f"level_{level}")
+        floor = float(model.saes[level].floor)
+        assert floor > 0 and sae.cfg.metadata.hsae_min_activation == floor
+        feats = sae.encode(x)
+        below += int(((feats > 0) & (feats < floor)).sum())
+        dense = torch.zeros_like(feats).scatter_add(1, ours[level].indices.clamp(min=0), ours[level].values)
+        torch.testing.assert_close(torch.where(feats >= floor, feats, 0), dense, atol=1e-4, rtol=1e-4)
+    assert below > 0  # the floor dropped something, so the comparison above tested it
 
 
 def test_missing_foreign_damaged_and_newer_directories_are_refused(prepared, tmp_path):

@@ -107,6 +107,12 @@ def test_tree_presets_differ_by_child_init_and_assignment():
     assert project.arch.child_init_at == [0.3, 0.6] and project.arch.assign_by == "coactivation"
     assert paper.arch.child_init_at == [] and paper.arch.assign_by == "encoder" and paper.train.lr == 5e-4
     assert project.arch.merge_cos == 0.5 and paper.arch.merge_cos == 1.0  # the papers merge nothing
+    # TopK with a floor is the project's; the paper's TopK fills every slot, as does a config built directly
+    # (an older checkpoint's cfg.json without the field encodes as it did)
+    assert project.arch.min_activation == 0.25 and paper.arch.min_activation == 0.0
+    assert ArchConfig(arch="tree", levels=[8, 16]).min_activation == 0.0
+    with pytest.raises(ConfigError, match="min_activation must be >= 0"):
+        ArchConfig(arch="tree", levels=[8, 16], min_activation=-1)
 
 
 def test_merge_cos_is_a_cosine():

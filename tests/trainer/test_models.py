@@ -104,6 +104,29 @@ def test_tree_assigns_children_to_their_most_similar_parent(assign_by):
 HALF = D_IN // 2
 
 
+def test_tree_topk_floor_is_a_share_of_the_median_and_silences_only_the_weak_picks(rows):
+    """`min_activation`: each TopK level's floor is that share of the median value of its firings on the
+    sample, re-fitted at every re-assignment (`fit_floors`); of a token's top k, the picks below it are
+    silent (index -1, value 0), the others keep their index and value. Same weights with and without."""
+    x = torch.from_numpy(rows[:512])
+    plain = build_model(tiny_arch_config("tree"), D_IN, seed=0)
+    plain.prepare(x)
+    floored = build_model(tiny_arch_config("tree", min_activation=0.5), D_IN, seed=0)
+    floored.load_state_dict(plain.state_dict(), strict=False)  # the floors are the floored model's own
+    floored.reassign(x)  # every re-assignment re-fits the floors on its sample
+    x_n = floored.normalize(x)[0]
+    dropped = 0
+    for level, (ours, theirs) in enumerate(zip(floored.encode(x), plain.encode(x))):
+        fired = plain.saes[level].encode(x_n)[0]
+        floor = float(floored.saes[level].floor)
+        assert floor == pytest.approx(0.5 * float(fired[fired > 0].median()))
+        strong = theirs.values >= floor
+        assert torch.equal(ours.indices, torch.where(strong, theirs.indices, -1))
+        assert torch.equal(ours.values, torch.where(strong, theirs.values, 0))
+        dropped += int(((theirs.indices >= 0) & ~strong).sum())
+    assert dropped > 0
+
+
 def _owned_children_tree(**overrides):
     """A 2-level tree on data that lives in the first HALF dimensions. Child c reads there what parent c % 6
     reads, scaled 1.2 (c < 6) or 1.1 (c ≥ 6), so it fires only with that parent; in the other half, which the

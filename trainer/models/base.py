@@ -64,6 +64,8 @@ class SaeLensLevel:
     b_dec_D: Tensor
     k: int | None
     threshold_F: Tensor | None = None
+    min_activation: float = 0.0
+    """TopK with a floor (`ArchConfig.min_activation`): sae-lens's TopK has none, so it is metadata."""
 
 
 def sparse_decode(W_dec_FD: Tensor, indices_BK: Tensor, values_BK: Tensor) -> Tensor:

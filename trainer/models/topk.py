@@ -18,9 +18,11 @@ from trainer.models.registry import register
 class TopKLevel(nn.Module):
     """One ordinary TopK SAE over normalised inputs."""
 
-    def __init__(self, d_in: int, width: int, k: int):
+    def __init__(self, d_in: int, width: int, k: int, floored: bool = False):
         super().__init__()
-        self.width, self.k = width, k
+        self.width, self.k, self.floored = width, k, floored
+        if floored:  # `min_activation`: set from data by the tree (`fit_floors`), 0 until then
+            self.register_buffer("floor", torch.zeros(()))
         W_dec_FD = unit_rows(torch.randn(width, d_in))
         self.W_dec_FD = nn.Parameter(W_dec_FD)
         self.W_enc_DF = nn.Parameter(W_dec_FD.T.clone())  # tied init (Gao et al.)
@@ -34,6 +36,9 @@ class TopKLevel(nn.Module):
         """(values_BK, indices_BK with -1 for silent slots, pre_BF)."""
         pre_BF = self.pre_acts(x_BD)
         values_BK, indices_BK = topk_relu(pre_BF, self.k)
+        if self.floored:  # weak picks of a token with fewer than k features stay silent
+            on_BK = values_BK >= self.floor
+            values_BK, indices_BK = torch.where(on_BK, values_BK, 0), torch.where(on_BK, indices_BK, -1)
         return values_BK, indices_BK, pre_BF
 
     def decode(self, indices_BK: Tensor, values_BK: Tensor) -> Tensor:
@@ -57,6 +62,7 @@ class TopKLevel(nn.Module):
             W_dec_FD=self.W_dec_FD.detach() / c,
             b_dec_D=self.b_dec_D.detach() / c,
             k=self.k,
+            min_activation=float(self.floor) if self.floored else 0.0,
         )
 
 

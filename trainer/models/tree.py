@@ -31,6 +31,10 @@ parent's children by one latent near the parent and the others starve, since sib
 direction contains its parent's). On the synthetic family the tree found 0.00–0.88 of the true children that
 way, 0.88–1.00 with it (bench/bench_family.py).
 
+Floor (`min_activation`, project preset): a TopK level fills all k slots on every token, so a token with
+fewer features than k gets weak, spurious firings; with the floor a latent fires only at that share of its
+level's median firing value or more (`fit_floors`, at every re-assignment and child initialisation).
+
 Cost: a co-activation re-assignment encodes its rows and counts (parent, child) pairs, dense int32 counts
 while they fit (`CoFiring`). At the default sizes (512/1024/2048/4096, k=32, d=576, 16,384 rows, one CPU
 thread) it takes about 10 training steps' time: 0.2% of a run at the paper's every-5000-steps, 10% of a short
@@ -79,7 +83,10 @@ class TreeHSAE(HSAE):
                 for w, target in zip(cfg.levels, cfg.target_l0)
             )
         else:
-            self.saes = nn.ModuleList(TopKLevel(d_in, w, k) for w, k in zip(cfg.levels, cfg.level_k))
+            self.saes = nn.ModuleList(
+                TopKLevel(d_in, w, k, floored=cfg.min_activation > 0)
+                for w, k in zip(cfg.levels, cfg.level_k)
+            )
         self.lambda_ema = cfg.resolved_lambda_ema(20_000)
         self._batch_l0: list[Tensor] | None = None
         for level, width in enumerate(cfg.levels[1:], start=1):
@@ -130,6 +137,7 @@ class TreeHSAE(HSAE):
             merged = merge_top_fragments(self, x_BD, self.cfg.merge_cos) if self.cfg.merge_cos < 1 else []
             for level in range(1, len(self.saes)):
                 init_level(self, level, x_BD, only_starved=step > min(self.init_steps))
+            fit_floors(self, x_BD)
             redone = self.saes if merged else self.saes[1:]
             return [
                 p
@@ -149,6 +157,7 @@ class TreeHSAE(HSAE):
             for level, counter in enumerate(counters, start=1):
                 tree = coactivation_parents(*counter.best_parents(), self.cfg.unassigned_fraction)
                 self.parent_of(level).copy_(tree)
+            fit_floors(self, self.normalize(sample_raw_ND.to(device).float())[0])
             return []
         for level in range(1, len(self.saes)):
             child, parent = self.saes[level], self.saes[level - 1]
@@ -449,6 +458,18 @@ def merge_top_fragments(model: TreeHSAE, x_BD: Tensor, min_cos: float, rounds: i
             parent_of[parent_of == free] = keep
             merged.append(keep)
     return merged
+
+
+@torch.no_grad()
+def fit_floors(model: TreeHSAE, x_BD: Tensor) -> None:
+    """Each TopK level's floor (`min_activation`): that share of the median value of its firings on the
+    sample, without a floor."""
+    for sae in model.saes:
+        if isinstance(sae, TopKLevel) and sae.floored:
+            sae.floor.zero_()
+            values_BK = sae.encode(x_BD)[0]
+            fired = values_BK[values_BK > 0]
+            sae.floor.fill_(model.cfg.min_activation * float(fired.median()) if fired.numel() else 0.0)
 
 
 MAX_FRESH_ERROR = 1.0  # of the sample's variance: a fresh level that explains less than nothing is refused
