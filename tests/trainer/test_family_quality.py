@@ -88,7 +88,7 @@ FLOORS = {
     ("tree", "leaning"): (0.95, 0.85, 0.95),
     ("tree", "uneven"): (0.95, 0.9, 0.95),
     ("tree", "raw-scale"): (0.95, 0.95, 0.95),
-    ("tree", "orthogonal"): (0.95, 0.95, 0.85),
+    ("tree", "orthogonal"): (0.9, 0.95, 0.85),
     ("tree", "close"): (0.95, 0.95, 0.95),
 }
 PAPER_VS_PROJECT = "leaning"
