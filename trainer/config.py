@@ -80,10 +80,10 @@ class ArchConfig:
     latents. With the floor, `uneven` went from parents 0.96 / 0.92 / 0.92 and children 0.92 / 0.84 / 0.92
     to 1.00 / 1.00 / 1.00 and 1.00 / 0.91 / 0.95 (3 seeds; 0.15 and 0.2 did worse). A share, not a fixed
     value: a floor of 1 (1/sqrt(d) of a mean token, the MoE's θ) fixed `uneven` as well, but on SmolLM2,
-    whose tokens hold many weak features, it silenced 16% / 34% of the two levels' firings of a trained tree
-    and left 70% of the children dead; a quarter of the median silences none there (their 5% quantile is
-    0.55x the median). sae-lens has no TopK with a floor: a level exports as plain TopK with its floor in the
-    metadata (`hsae_min_activation`), and sae-lens then also reports the firings below it."""
+    whose tokens hold many weak features, it silenced 16% / 34% of the two levels' firings of a trained tree;
+    a quarter of the median silences none there (their 5% quantile is 0.55x the median). sae-lens has no
+    TopK with a floor: a level exports as plain TopK with its floor in the metadata (`hsae_min_activation`),
+    and sae-lens then also reports the firings below it."""
 
     activation: Literal["topk", "jumprelu"] = "topk"
     """`tree`: each level's activation: TopK (`level_k` active latents on every token), or JumpReLU as in

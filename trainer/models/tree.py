@@ -460,15 +460,18 @@ def merge_top_fragments(model: TreeHSAE, x_BD: Tensor, min_cos: float, rounds: i
     return merged
 
 
+FLOOR_BLOCK = 2**26  # pre-activations per encoded block when fitting floors (256 MB in float32)
+
+
 @torch.no_grad()
 def fit_floors(model: TreeHSAE, x_BD: Tensor) -> None:
     """Each TopK level's floor (`min_activation`): that share of the median value of its firings on the
-    sample, without a floor."""
+    sample, without a floor. Encoded in blocks of at most FLOOR_BLOCK pre-activations."""
     for sae in model.saes:
         if isinstance(sae, TopKLevel) and sae.floored:
             sae.floor.zero_()
-            values_BK = sae.encode(x_BD)[0]
-            fired = values_BK[values_BK > 0]
+            blocks = x_BD.split(max(1, FLOOR_BLOCK // sae.width))
+            fired = torch.cat([values[values > 0] for values in (sae.encode(b)[0] for b in blocks)])
             sae.floor.fill_(model.cfg.min_activation * float(fired.median()) if fired.numel() else 0.0)
 
 
