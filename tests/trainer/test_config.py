@@ -113,6 +113,11 @@ def test_tree_presets_differ_by_child_init_and_assignment():
     assert ArchConfig(arch="tree", levels=[8, 16]).min_activation == 0.0
     with pytest.raises(ConfigError, match="min_activation must be >= 0"):
         ArchConfig(arch="tree", levels=[8, 16], min_activation=-1)
+    # every parent's children redone at the later child rounds is the project's
+    assert project.arch.child_reinit == "all"
+    assert ArchConfig(arch="tree", levels=[8, 16]).child_reinit == "starved"
+    with pytest.raises(ConfigError, match="child_reinit must be all or starved"):
+        ArchConfig(arch="tree", levels=[8, 16], child_reinit="some")
 
 
 def test_merge_cos_is_a_cosine():

@@ -562,6 +562,38 @@ def test_tree_child_data_init_gives_every_true_child_its_own_latent():
     assert (torch.bincount(model.parent_of(1), minlength=P) == per_parent).all()  # every parent its share
 
 
+@pytest.mark.parametrize("child_reinit", ["starved", "all"])
+def test_later_tree_child_rounds_redo_every_parent_or_only_starved_ones(child_reinit):
+    """`child_reinit`: at the second `child_init_at` round a level whose children all fire (none starved)
+    keeps every weight with "starved", and has its children redone from data with "all" (the project's:
+    a parent's children cut along a mixture at the first round are not starved, only wrong)."""
+    from trainer.models.tree import init_children
+    from trainer.synthetic import FAMILY, make
+
+    spec = next(s for s in FAMILY if s.name == "leaning")
+    truth = make(spec, n_rows=8_000, seed=0)
+    P = spec.n_parents
+    cfg = ArchConfig(arch="tree", levels=[P, 4 * P], level_k=[2, 2], child_reinit=child_reinit)
+    model = build_model(cfg, spec.d, seed=0)
+    x = torch.from_numpy(truth.x_ND)
+    with torch.no_grad():
+        model.saes[0].W_dec_FD.copy_(truth.parent_dirs_PD)
+        model.saes[0].W_enc_DF.copy_(truth.parent_dirs_PD.T)
+    assert init_children(model, 1, model.normalize(x)[0], only_starved=False) == P
+    fresh = model.saes[1].W_dec_FD.detach().clone()
+    with torch.no_grad():  # as training would leave them: moved a little, every child still firing
+        noise = torch.randn(fresh.shape, generator=torch.Generator().manual_seed(0))
+        model.saes[1].W_dec_FD.copy_(unit_rows(fresh + 0.05 * noise))
+    trained = model.saes[1].W_dec_FD.detach().clone()
+    model.start_training(total_steps=10)
+    model.reassign(x, step=max(model.init_steps))
+    after = model.saes[1].W_dec_FD
+    if child_reinit == "starved":
+        assert torch.equal(after, trained)
+    else:  # the same data gives the same k-means children
+        assert torch.allclose(after, fresh, atol=1e-5) and not torch.allclose(after, trained, atol=1e-3)
+
+
 def test_tree_level_init_keeps_the_old_weights_when_the_fresh_ones_explain_too_little(monkeypatch):
     """`init_level` refuses a fresh level whose error exceeds MAX_FRESH_ERROR of the sample's variance: with
     the bound at 0, the level keeps every weight and its tree; at the default it takes the fresh children."""

@@ -134,9 +134,10 @@ class TreeHSAE(HSAE):
             if sample_raw_ND is None:
                 raise ValueError("initialising children from data needs a sample of activations")
             x_BD = self.normalize(sample_raw_ND.to(self.saes[0].W_dec_FD.device).float())[0]
+            later = step > min(self.init_steps)
             merged = merge_top_fragments(self, x_BD, self.cfg.merge_cos) if self.cfg.merge_cos < 1 else []
             for level in range(1, len(self.saes)):
-                init_level(self, level, x_BD, only_starved=step > min(self.init_steps))
+                init_level(self, level, x_BD, only_starved=later and self.cfg.child_reinit == "starved")
             fit_floors(self, x_BD)
             redone = self.saes if merged else self.saes[1:]
             return [
