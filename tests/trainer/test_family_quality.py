@@ -15,12 +15,12 @@ of the 3 seeds measured for each generator (see bench/bench_family.py for the ab
   orthogonal   1.00 1.00 1.00   0.91 0.91 0.95   0.95 0.97 0.94
   close        1.00 1.00 1.00   0.98 0.96 0.97   1.00 1.00 1.00
   tree
-  centred      1.00 1.00 1.00   1.00 0.98 1.00   0.98 1.00 0.91
-  leaning      0.96 1.00 1.00   0.89 0.96 0.96   0.99 1.00 1.00
-  uneven       1.00 1.00 1.00   1.00 0.91 0.95   1.00 0.99 1.00
-  raw-scale    1.00 1.00 0.97   1.00 1.00 0.98   1.00 1.00 0.99
-  orthogonal   1.00 0.95 1.00   0.96 1.00 1.00   0.91 0.91 0.87
-  close        1.00 1.00 1.00   1.00 0.97 0.97   1.00 1.00 1.00
+  centred      1.00 1.00 1.00   0.98 1.00 1.00   0.98 1.00 0.92
+  leaning      0.96 1.00 1.00   0.97 1.00 1.00   0.99 1.00 1.00
+  uneven       1.00 1.00 1.00   1.00 0.98 0.99   1.00 0.99 1.00
+  raw-scale    1.00 1.00 0.97   1.00 1.00 0.98   1.00 1.00 1.00
+  orthogonal   1.00 0.95 1.00   1.00 1.00 1.00   0.91 0.91 0.88
+  close        1.00 1.00 1.00   1.00 1.00 1.00   1.00 1.00 1.00
 
 The offset subtracted before coding (`center_quantile`: the 5% quantile along the mean's direction instead of
 the mean, whose share of a frequent feature the top level had covered with an anti-feature latent) took the
@@ -59,8 +59,19 @@ the table's, mean children over the 18 runs 0.954 -> 0.974. Seeds moved both way
 0 0.93 -> 0.89 (two true parents share one top latent there), `orthogonal` edges 0.93 / 0.91 / 0.88 -> 0.91 /
 0.91 / 0.87, `close` children 0.95 / 0.92 / 0.92 -> 1.00 / 0.97 / 0.97.
 
+Then the tree's later child round (60% of the run) redid every parent's children, not only those of parents
+with a starved child (`child_reinit` "all"): a rare parent's latent that still held a mixture at the first
+round had its children cut along the mixture, none starved, and they stayed unmatched. Mean children over the
+18 runs 0.974 -> 0.995, `leaning` seed 0 0.89 -> 0.97, `uneven` 1.00 / 0.91 / 0.95 -> 1.00 / 0.98 / 0.99,
+`close` 1.00 everywhere; edges and parents within 0.01. The tree's children floors went to 0.95 everywhere.
+
+The models train with their CPU kernels pinned to AVX2 (`trainer.synthetic.PINNED_KERNELS`): on an AVX-512
+machine, before the pin, the MoE's `centred` seed 0 found 0.94 of the children (1.00 with AVX2) and the tree's
+`uneven` seed 1 (before `child_reinit`) 0.82 (0.91): the same training, rounded differently, ends in another
+of its nearby optima, and a floor set just under one machine's figure failed on the other.
+
 The issue's goal (>= 0.9 children, >= 0.95 parents, edge precision >= 0.9 on every generator) is met by the
-tree on every generator but `leaning` seed 0 (children 0.89) and `orthogonal` seed 2 (edges 0.87), and by the
+tree on every generator but `orthogonal` seed 2 (edges 0.88), and by the
 MoE on every generator but `uneven` (children 0.88 on seed 2: parents of up to 8 children in a
 4-dimensional subspace). The budget is 1500 steps so that CI stays near 15 minutes.
 """
@@ -85,8 +96,8 @@ FLOORS = {
     ("moe", "orthogonal"): (0.95, 0.85, 0.9),
     ("moe", "close"): (0.95, 0.9, 0.95),
     ("tree", "centred"): (0.95, 0.95, 0.9),
-    ("tree", "leaning"): (0.95, 0.85, 0.95),
-    ("tree", "uneven"): (0.95, 0.9, 0.95),
+    ("tree", "leaning"): (0.95, 0.95, 0.95),
+    ("tree", "uneven"): (0.95, 0.95, 0.95),
     ("tree", "raw-scale"): (0.95, 0.95, 0.95),
     ("tree", "orthogonal"): (0.9, 0.95, 0.85),
     ("tree", "close"): (0.95, 0.95, 0.95),
@@ -117,7 +128,7 @@ def test_defaults_recover_the_tree_of_every_generator(judged, arch, spec):
 @pytest.mark.parametrize("arch", ["moe", "tree"])
 def test_project_preset_finds_the_children_the_paper_preset_loses(judged, arch):
     """The independent hierarchy of issue 11 (leaning children with their own magnitudes), seed 0: the
-    paper's settings found 0.02 (moe) and 0.01 (tree) of the children, the project's 0.95 and 0.89 (the
+    paper's settings found 0.02 (moe) and 0.01 (tree) of the children, the project's 0.95 and 0.97 (the
     table above)."""
     ours = judged[arch, PAPER_VS_PROJECT, 0, "project"]
     paper = judged[arch, PAPER_VS_PROJECT, 0, "paper"]
