@@ -6,7 +6,8 @@ project leaves off (they cost explained variance on real activations), then prin
 fraction of true parents and children found (a learned latent whose firing rows have IoU ≥ 0.5 with the
 true feature's) and the edge precision. The same for the Tree HSAE, whose project preset differs from the
 paper's by the data initialisation of children, the co-activation re-assignment, the merge of split top
-latents, a floor under its TopK codes and every parent's children redone at the later child round. The
+latents (also after the last child round), a floor under its TopK codes and every parent's children redone
+at the later child round. The
 models' CPU kernels are pinned (`trainer.synthetic.PINNED_KERNELS`). Sizes are those a user
 would give (`HierarchySpec.model_sizes`); everything else is the preset's default.
 
@@ -59,6 +60,7 @@ VARIANTS: dict[str, tuple[str, str, dict, dict]] = {
     "  - shared offset (b_dec from the mean)": ("tree", "project", {"center_quantile": None}, {}),
     "  - TopK floor (plain TopK)": ("tree", "project", {"min_activation": 0.0}, {}),
     "  - every parent's children redone (starved only)": ("tree", "project", {"child_reinit": "starved"}, {}),
+    "  - late merges of top fragments": ("tree", "project", {"late_merge_cos": 1.0}, {}),
     "  + merge from cosine 0.4 (not adopted)": ("tree", "project", {"merge_cos": 0.4}, {}),
 }
 

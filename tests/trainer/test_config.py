@@ -118,6 +118,10 @@ def test_tree_presets_differ_by_child_init_and_assignment():
     assert ArchConfig(arch="tree", levels=[8, 16]).child_reinit == "starved"
     with pytest.raises(ConfigError, match="child_reinit must be all or starved"):
         ArchConfig(arch="tree", levels=[8, 16], child_reinit="some")
+    # fragments merged after the last child round: the project's, from cosine 0.4
+    assert project.arch.late_merge_cos == 0.4 and ArchConfig(arch="tree", levels=[8, 16]).late_merge_cos == 1
+    with pytest.raises(ConfigError, match=r"late_merge_cos must be a cosine in \[-1, 1\]"):
+        ArchConfig(arch="tree", levels=[8, 16], late_merge_cos=2)
 
 
 def test_merge_cos_is_a_cosine():

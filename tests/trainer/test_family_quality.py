@@ -19,7 +19,7 @@ of the 3 seeds measured for each generator (see bench/bench_family.py for the ab
   leaning      0.96 1.00 1.00   0.97 1.00 1.00   0.99 1.00 1.00
   uneven       1.00 1.00 1.00   1.00 0.98 0.99   1.00 0.99 1.00
   raw-scale    1.00 1.00 0.97   1.00 1.00 0.98   1.00 1.00 1.00
-  orthogonal   1.00 0.95 1.00   1.00 1.00 1.00   0.91 0.91 0.88
+  orthogonal   1.00 1.00 1.00   1.00 1.00 1.00   0.95 0.96 0.95
   close        1.00 1.00 1.00   1.00 1.00 1.00   1.00 1.00 1.00
 
 The offset subtracted before coding (`center_quantile`: the 5% quantile along the mean's direction instead of
@@ -70,8 +70,14 @@ machine, before the pin, the MoE's `centred` seed 0 found 0.94 of the children (
 `uneven` seed 1 (before `child_reinit`) 0.82 (0.91): the same training, rounded differently, ends in another
 of its nearby optima, and a floor set just under one machine's figure failed on the other.
 
+And after the last child round the tree's re-assignments merge top-level fragments from cosine 0.4
+(`late_merge_cos`): on `orthogonal` the top level had split parents again into "parent + one child" latents
+(cosine 0.45-0.49 with the parent's main latent, just under `merge_cos`), whose children hung from latents
+that match no parent: edge precision 0.91 / 0.91 / 0.88 -> 0.95 / 0.96 / 0.95, parents 1.00 / 0.95 / 1.00 ->
+1.00 everywhere; nothing merged on the other generators.
+
 The issue's goal (>= 0.9 children, >= 0.95 parents, edge precision >= 0.9 on every generator) is met by the
-tree on every generator but `orthogonal` seed 2 (edges 0.88), and by the
+tree on every generator and seed, and by the
 MoE on every generator but `uneven` (children 0.88 on seed 2: parents of up to 8 children in a
 4-dimensional subspace). The budget is 1500 steps so that CI stays near 15 minutes.
 """
@@ -99,7 +105,7 @@ FLOORS = {
     ("tree", "leaning"): (0.95, 0.95, 0.95),
     ("tree", "uneven"): (0.95, 0.95, 0.95),
     ("tree", "raw-scale"): (0.95, 0.95, 0.95),
-    ("tree", "orthogonal"): (0.9, 0.95, 0.85),
+    ("tree", "orthogonal"): (0.95, 0.95, 0.9),
     ("tree", "close"): (0.95, 0.95, 0.95),
 }
 PAPER_VS_PROJECT = "leaning"

@@ -531,6 +531,37 @@ def test_tree_merges_the_top_levels_fragments_and_moves_their_children():
     assert (model.parent_of(1) == keep).sum() == 4 and (model.parent_of(1) == freed).sum() == 0
 
 
+@pytest.mark.parametrize("late_merge_cos", [1.0, 0.5])
+def test_tree_merges_fragments_at_re_assignments_after_the_last_child_round(late_merge_cos):
+    """`late_merge_cos`: a co-activation re-assignment after the last `child_init_at` round merges the top
+    level's fragments (and hands the optimizer the top level's weights to reset); before it, or at 1,
+    the fragments stay."""
+    x, p, q, decoders, encoders = split_parent_data()
+    cfg = ArchConfig(arch="tree", levels=[4, 8], k=2, late_merge_cos=late_merge_cos, child_init_at=[0.3, 0.6])
+    model = build_model(cfg, 32, seed=0)
+    top = model.saes[0]
+    with torch.no_grad():
+        top.W_dec_FD.copy_(decoders)
+        top.W_enc_DF.copy_(encoders * 32**0.5 / x.norm(dim=-1).mean())
+    model.start_training(total_steps=10)
+
+    def fragments_fire() -> list[bool]:
+        indices = model.encode(x)[0].indices
+        return [bool((indices == f).any()) for f in (0, 3)]
+
+    assert fragments_fire() == [True, True]
+    assert model.reassign(x, step=5) == []  # between the child rounds: never
+    assert fragments_fire() == [True, True]
+    reset = model.reassign(x, step=8)
+    if late_merge_cos == 1:
+        assert reset == [] and fragments_fire() == [True, True]
+    else:
+        assert reset == [top.W_enc_DF, top.W_dec_FD, top.b_enc_F]
+        union = (p == 0) | (q == 0)
+        indices = model.encode(x)[0].indices
+        assert max(((indices == f).any(-1) == union).float().mean() for f in (0, 3)) > 0.99
+
+
 def test_tree_child_data_init_gives_every_true_child_its_own_latent():
     """The issue's "leaning" hierarchy (children lean towards their parent at cos 0.4, magnitudes of their
     own): with level 0 holding the true parents, one data initialisation of level 1 gives almost every true

@@ -129,7 +129,9 @@ class TreeHSAE(HSAE):
     def reassign(self, sample_raw_ND: Tensor | None = None, step: int = 0) -> list[nn.Parameter]:
         """At a `child_init_at` step, initialises children from data (`init_children`, which also sets their
         parents); at a `reassign_every` step, moves every child to its best parent: by co-activation over
-        `sample_raw_ND` (the rows encoded by the current model), or by encoder or decoder cosine."""
+        `sample_raw_ND` (the rows encoded by the current model), or by encoder or decoder cosine. After the
+        last child round, a co-activation re-assignment first merges the top level's fragments from
+        `late_merge_cos` on."""
         if step in self.init_steps:
             if sample_raw_ND is None:
                 raise ValueError("initialising children from data needs a sample of activations")
@@ -150,6 +152,10 @@ class TreeHSAE(HSAE):
             if sample_raw_ND is None:
                 raise ValueError("a co-activation re-assignment needs a sample of activations")
             device = self.saes[0].W_dec_FD.device
+            merged = []
+            if self.cfg.late_merge_cos < 1 and self.init_steps and step > max(self.init_steps):
+                x_BD = self.normalize(sample_raw_ND.to(device).float())[0]
+                merged = merge_top_fragments(self, x_BD, self.cfg.late_merge_cos)
             counters = [CoFiring(a.width, b.width, device) for a, b in zip(self.saes, self.saes[1:])]
             for start in range(0, len(sample_raw_ND), _ASSIGN_CHUNK):
                 codes = self.encode(sample_raw_ND[start : start + _ASSIGN_CHUNK].to(device))
@@ -159,7 +165,8 @@ class TreeHSAE(HSAE):
                 tree = coactivation_parents(*counter.best_parents(), self.cfg.unassigned_fraction)
                 self.parent_of(level).copy_(tree)
             fit_floors(self, self.normalize(sample_raw_ND.to(device).float())[0])
-            return []
+            top = self.saes[0]
+            return [top.W_enc_DF, top.W_dec_FD, top.b_enc_F] if merged else []
         for level in range(1, len(self.saes)):
             child, parent = self.saes[level], self.saes[level - 1]
             if self.cfg.assign_by == "encoder":
