@@ -295,8 +295,8 @@ class Job:
 # then ends in another of its nearby optima. Measured on this family (1,500 steps): the MoE's `centred`
 # seed 0 found 1.00 of the children with AVX2 and 0.94 with AVX-512, the tree's `uneven` seed 1 0.91 and 0.82.
 # MKL's setting alone gives those two seeds their AVX2 figures back; the other two pin what else could round
-# differently. Not everything is pinned: over all 36 runs the pinned figures on an AVX-512 machine came
-# within 0.03 of an AVX2 machine's (the MoE's `uneven` seed 2 edge precision 0.97 there, 0.95 pinned here).
+# differently. Not everything is pinned: over the MoE's 18 runs the pinned figures on an AVX-512 machine came
+# within 0.03 of an AVX2 machine's (its `uneven` seed 2 edge precision 0.97 there, 0.95 pinned here).
 PINNED_KERNELS = {
     "MKL_ENABLE_INSTRUCTIONS": "AVX2", "DNNL_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2",
 }
