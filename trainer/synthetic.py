@@ -310,17 +310,11 @@ def judge_in_parallel(jobs: list[Job], workers: int | None = None) -> list[Recov
     import os
     import platform
     from concurrent.futures import ProcessPoolExecutor
+    from unittest import mock
 
     workers = workers or min(len(jobs), os.cpu_count() or 1)
     pinned = PINNED_KERNELS if platform.machine().lower() in ("x86_64", "amd64") else {}
-    saved = {name: os.environ.get(name) for name in pinned}
-    os.environ.update(pinned)  # read by the spawned interpreters when they load torch
-    try:
+    # read by the spawned interpreters when they load torch; this process's environment is restored after
+    with mock.patch.dict(os.environ, pinned):
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
             return list(pool.map(Job.run, jobs))
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value

@@ -152,9 +152,9 @@ class TreeHSAE(HSAE):
             if sample_raw_ND is None:
                 raise ValueError("a co-activation re-assignment needs a sample of activations")
             device = self.saes[0].W_dec_FD.device
+            x_BD = self.normalize(sample_raw_ND.to(device).float())[0]
             merged = []
             if self.cfg.late_merge_cos < 1 and self.init_steps and step > max(self.init_steps):
-                x_BD = self.normalize(sample_raw_ND.to(device).float())[0]
                 merged = merge_top_fragments(self, x_BD, self.cfg.late_merge_cos)
             counters = [CoFiring(a.width, b.width, device) for a, b in zip(self.saes, self.saes[1:])]
             for start in range(0, len(sample_raw_ND), _ASSIGN_CHUNK):
@@ -164,7 +164,7 @@ class TreeHSAE(HSAE):
             for level, counter in enumerate(counters, start=1):
                 tree = coactivation_parents(*counter.best_parents(), self.cfg.unassigned_fraction)
                 self.parent_of(level).copy_(tree)
-            fit_floors(self, self.normalize(sample_raw_ND.to(device).float())[0])
+            fit_floors(self, x_BD)
             top = self.saes[0]
             return [top.W_enc_DF, top.W_dec_FD, top.b_enc_F] if merged else []
         for level in range(1, len(self.saes)):
