@@ -223,7 +223,8 @@ class ActivationCache:
         n_shards = -(-n_ctx // self.shard_contexts)
         (self.path / "shards").mkdir(parents=True, exist_ok=True)
         self._clean_partials()
-        missing = [i for i in range(n_shards) if not (self.shard_dir(i) / "rows.npy").is_file()]
+        S = self.shard_contexts
+        missing = [i for i in range(n_shards) if not self._holds(i, min((i + 1) * S, n_ctx))]
         if missing:
             todo_tokens = sum(
                 int(mask_CT[i * self.shard_contexts : (i + 1) * self.shard_contexts].sum()) for i in missing
@@ -237,6 +238,19 @@ class ActivationCache:
                         on_shard(i)
         shards = [self.shard_dir(i) for i in range(n_shards)]
         return ShardSource(shards, limit=n_tokens)
+
+    def _holds(self, i: int, stop_context: int) -> bool:
+        """Whether shard i is there and holds every context before `stop_context`. A shard extracted when
+        fewer tokens were asked for ends early (the last one ends where those tokens did); asked for more, it
+        is extracted again. Served as it was, the rows after it would skip the contexts it lacks, and a
+        held-out range after the training tokens (`hsae eval`) would come up short and fall back to the
+        training tokens: SmolLM2's demo cache extracted for 150k training tokens ended 63 tokens later, so
+        every later evaluation scored the first 10k training tokens as "held out"."""
+        rows = self.shard_dir(i) / "rows.npy"
+        if not rows.is_file():
+            return False
+        meta_N2 = np.load(rows, mmap_mode="r")
+        return len(meta_N2) > 0 and int(meta_N2[-1, 0]) + 1 >= stop_context
 
     def _extract_shard(self, i: int, tokens_CT: np.ndarray, first_context: int, batch_contexts: int,
                        bar: tqdm) -> None:
@@ -254,7 +268,14 @@ class ActivationCache:
         partial.mkdir(parents=True)
         np.save(partial / "acts.npy", np.concatenate(acts))
         np.save(partial / "rows.npy", np.concatenate(rows))
-        os.replace(partial, final)
+        if final.exists():  # a shorter extraction of this shard: set aside (open maps stay valid), replaced
+            old = final.with_name(final.name + f".partial-old-{os.getpid()}")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(partial, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(partial, final)
 
 
 def extract_batch(lm: LanguageModel, tokens_CT: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -97,6 +97,27 @@ def test_second_ensure_reuses_the_cache_without_the_model(lm, tiny_corpus, tmp_p
     assert calls and more.num_rows > 60
 
 
+def test_a_shard_extracted_for_fewer_tokens_is_completed_when_more_are_asked_for(lm, tiny_corpus, tmp_path):
+    """The last shard of a short extraction ends where its tokens did; asked for more, the cache extracts it
+    again, so that the rows are the corpus's rows in order, as a fresh extraction gives them (served as they
+    were, the rows would skip the contexts it lacks, and `hsae eval`'s held-out range after the training
+    tokens came up short and fell back to the training tokens)."""
+    short = ActivationCache(lm, str(tiny_corpus), 24, root=tmp_path / "run", shard_tokens=96)
+    first = short.ensure(30)
+    assert first.num_rows == 30
+    stop = int(first.read_meta(first.num_rows - 1, first.num_rows)[0, 0]) + 1
+    assert stop < short.shard_contexts  # shard 0 ends early: the case at hand
+    redone = []
+    longer = ActivationCache(lm, str(tiny_corpus), 24, root=tmp_path / "run", shard_tokens=96).ensure(
+        150, on_shard=redone.append
+    )
+    fresh = ActivationCache(lm, str(tiny_corpus), 24, root=tmp_path / "fresh", shard_tokens=96).ensure(150)
+    assert redone[0] == 0 and longer.num_rows == fresh.num_rows == 150
+    np.testing.assert_array_equal(longer.read_meta(0, 150), fresh.read_meta(0, 150))
+    np.testing.assert_array_equal(longer.read(0, 150), fresh.read(0, 150))
+    assert sorted(p.name for p in (short.path / "shards").iterdir()) == [f"shard_{i:05d}" for i in range(2)]
+
+
 def _shard_source(tmp_path, n_rows=10_000, d=8, per_shard=3_000):
     rows = np.random.default_rng(0).standard_normal((n_rows, d)).astype(np.float32)
     dirs = []
