@@ -107,7 +107,11 @@ def main() -> None:
         metrics["densest_root"] = _densest_root(run_dir, args.eval_tokens)
         results[name] = (metrics, _curve(run_dir, args.batch))
 
-    print(f"\nheld-out {args.eval_tokens:,} tokens (`hsae eval`):")
+    spans = {tuple(m["data"]["eval_rows"]) + (m["data"]["held_out"],) for m, _ in results.values()}
+    for lo, hi, held_out in sorted(spans):  # one span when every row trained on the same tokens
+        where = "held out: after the training tokens" if held_out else "NOT held out: the training tokens"
+        print(f"\nevaluated on rows {lo:,}-{hi:,} of the demo corpus ({where})")
+    print(f"{args.eval_tokens:,} tokens (`hsae eval`):")
     print(f"{'model':<8} {'EV':>6} {'CE score':>9} {'L0 (per level)':>16} {'dead (per level)':>18} "
           f"{'densest root':>13}  EV vs topk")
     base_ev = results["topk"][0]["explained_variance"] if "topk" in results else float("nan")

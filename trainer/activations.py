@@ -244,7 +244,7 @@ class ActivationCache:
         fewer tokens were asked for ends early (the last one ends where those tokens did); asked for more, it
         is extracted again. Served as it was, the rows after it would skip the contexts it lacks, and a
         held-out range after the training tokens (`hsae eval`) would come up short and fall back to the
-        training tokens: SmolLM2's demo cache extracted for 150k training tokens ended 63 tokens later, so
+        training tokens: SmolLM2's demo cache extracted for 150k training tokens ended 74 tokens later, so
         every later evaluation scored the first 10k training tokens as "held out"."""
         rows = self.shard_dir(i) / "rows.npy"
         if not rows.is_file():
