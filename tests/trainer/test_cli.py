@@ -59,6 +59,22 @@ def test_train_eval_encode_on_an_activations_file(tmp_path, acts_file):
     assert tensors["level_0_indices"].dtype == np.int64 and tensors["level_0_indices"].max() < 64
 
 
+def test_eval_after_training_on_a_corpus_scores_the_tokens_after_the_training_ones(tmp_path, tiny_corpus):
+    """The run trained on the corpus's first 60 tokens; `hsae eval` extends the activation cache and scores
+    the 40 after them. (The cache's one shard, extracted for the 60, used to be served as complete, so the
+    held-out range came up short and eval fell back to the training tokens, saying held_out false.)"""
+    env = {"HSAE_DATA_DIR": str(tmp_path / "data")}
+    out = tmp_path / "run"
+    proc = hsae("train", "--arch", "topk", "--corpus", tiny_corpus, "--layer", 6, "--tokens", 60,
+                "--width", 64, "--k", 4, "--steps", 2, "--batch", 30, "--out", out, "--device", "cpu",
+                env_extra=env)
+    assert proc.returncode == 0, proc.stderr
+    proc = hsae("eval", out, "--tokens", 40, "--device", "cpu", env_extra=env)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads((out / "metrics.json").read_text())["data"]
+    assert data["held_out"] is True and data["eval_rows"] == [60, 100]
+
+
 def test_encode_reads_the_whole_activations_file_unless_tokens_limits_it(tmp_path, acts_file):
     """The corpus default of 20,000 tokens must not cut a matrix file short; --tokens still limits it."""
     out = tmp_path / "run"
