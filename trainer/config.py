@@ -172,7 +172,7 @@ class ArchConfig:
     `expert_reinit="all"` and `child_separation=2` finds more children on the synthetic family (the worst seed
     of `close` 0.74 -> 0.88, of `uneven` 0.58 -> 0.75), since children found on parents that were still
     moving drift apart again; on SmolLM2 the same settings (with blind read-outs and promoted children freed)
-    cost 0.03 of held-out explained variance (0.774 -> 0.742 in one session, bench/bench_real.py): redone
+    cost 0.03 of eval explained variance (0.774 -> 0.742 in one session, bench/bench_real.py): redone
     late, experts that partition a continuum do not recover in the 20% of the run left. So the late round is
     an option, not a default (README, "Presets"); every expert redone and split clusters merged at the rounds
     up to 50% are defaults (`expert_reinit`)."""
@@ -203,7 +203,7 @@ class ArchConfig:
     (3 seeds, 1,500 steps) the family's mean
     went from 0.938 to 0.966, `close` from 0.83 / 0.89 / 0.84 to 0.98 / 1.00 / 0.92, `orthogonal`'s worst
     seed 0.88 -> 0.91, no generator's worst seed lower. Redoing every expert (no guard) found fewer on the
-    family (mean 0.958, `orthogonal` 0.88 / 0.94 / 0.88) and cost SmolLM2 0.03 of held-out
+    family (mean 0.958, `orthogonal` 0.88 / 0.94 / 0.88) and cost SmolLM2 0.03 of eval
     explained variance (0.816 -> 0.784, `bench/bench_real.py`): there experts that partition a continuum
     do not recover; with the guard they keep their weights (0.815, CE loss score 0.983 both, dead children
     7.0% -> 6.4%)."""
@@ -231,7 +231,7 @@ class ArchConfig:
     refit_parents: bool = True
     """`moe`: before each expert initialisation, move every parent's decoder row towards the least-squares
     direction of what it reconstructs (the mean of its tokens' residual plus its own part, one Jacobi step
-    over the sample, line-searched): the centre of its children, not one of them. On SmolLM2 it took held-out
+    over the sample, line-searched): the centre of its children, not one of them. On SmolLM2 it took eval
     explained variance from 0.774 to 0.778 and dead children from 8.9% to 7.1%; on the family the worst seed
     from 0.58 to 0.62 of the children, the mean unchanged (0.91)."""
 
@@ -293,7 +293,7 @@ class ArchConfig:
     Redoing every parent's children at 60% took the family's children found (3 seeds, 1,500 steps, pinned
     kernels) from 0.974 to 0.995 on average and its worst seed from 0.89 (`leaning`) to 0.97. On SmolLM2
     (levels 1024 / 4096, 400 steps) dead children fell from 40% to 19% and P(parent | child) rose from 0.81 to
-    0.87, at 0.019 of held-out explained variance (0.660 -> 0.641) and 0.007 of CE loss score: the fresh
+    0.87, at 0.019 of eval explained variance (0.660 -> 0.641) and 0.007 of CE loss score: the fresh
     children have 40% of a short run left."""
 
     late_merge_cos: float = 1.0

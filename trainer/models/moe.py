@@ -358,7 +358,7 @@ def init_experts(
 
     Why the guard is the reconstruction as run, not each child at its best value: k-means centroids are
     exactly the directions that fit the tokens best, so by that measure a fresh expert beats a trained one
-    nearly always; on SmolLM2 a polish round that redid every expert cost 0.03 of held-out explained
+    nearly always; on SmolLM2 a polish round that redid every expert cost 0.03 of eval explained
     variance (0.816 -> 0.784; judged at best values, 0.785), with the guard as run 0.815."""
     C, S = model.n_children, model.subspace_dim
     codes, kept, _, _ = model._codes(x_BD)
