@@ -130,6 +130,18 @@ def test_merge_cos_is_a_cosine():
         ArchConfig(arch="moe", merge_cos=1.5)
 
 
+def test_merge_lift_is_the_moe_project_presets_and_a_share_below_one():
+    """Fragments that fire together below chance: the MoE's project preset; the tree's preset, the paper's
+    and a config built directly (an older checkpoint's cfg.json) keep the strict rule."""
+    assert RunConfig.compose({"arch": "moe"}, {}, "project").arch.merge_lift == 0.5
+    assert RunConfig.compose({"arch": "moe"}, {}, "paper").arch.merge_lift == 0.0
+    assert RunConfig.compose({"arch": "tree", "levels": [8, 16]}, {}, "project").arch.merge_lift == 0.0
+    assert ArchConfig(arch="moe").merge_lift == 0.0
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ConfigError, match=r"merge_lift must be in \[0, 1\)"):
+            ArchConfig(arch="moe", merge_lift=bad)
+
+
 def test_moe_expert_init_ingredients_are_the_projects_and_checked():
     """The expert-initialisation ingredients the project adopted are on in its preset, off in the paper's
     (which keeps the authors' random init), and a value outside its range is refused with the field named."""

@@ -8,11 +8,11 @@ one single-threaded process per core (about 5 minutes on two cores). The floors 
 of the 3 seeds measured for each generator (see bench/bench_family.py for the ablation and the paper preset):
 
   moe          parents          children         edge precision    (seeds 0 / 1 / 2, this 2-core CPU)
-  centred      1.00 1.00 1.00   1.00 0.97 1.00   0.94 0.98 0.98
+  centred      1.00 1.00 1.00   1.00 1.00 1.00   0.94 0.98 0.98
   leaning      0.96 1.00 1.00   0.95 1.00 1.00   1.00 1.00 1.00
-  uneven       1.00 1.00 0.96   0.97 0.91 0.89   1.00 0.99 0.95
+  uneven       1.00 1.00 0.96   0.97 0.91 0.90   1.00 0.99 0.97
   raw-scale    1.00 1.00 1.00   1.00 1.00 1.00   1.00 1.00 1.00
-  orthogonal   1.00 1.00 1.00   0.91 0.90 0.95   0.95 0.97 0.94
+  orthogonal   1.00 1.00 1.00   0.91 0.91 0.95   0.95 0.97 0.94
   close        1.00 1.00 1.00   0.98 0.96 0.97   1.00 1.00 1.00
   tree
   centred      1.00 1.00 1.00   0.98 1.00 1.00   0.98 1.00 0.92
@@ -78,10 +78,16 @@ And after the last child round the tree's re-assignments merge top-level fragmen
 that match no parent: edge precision 0.91 / 0.91 / 0.88 -> 0.95 / 0.96 / 0.95, parents 1.00 / 0.95 / 1.00 ->
 1.00 everywhere; nothing merged on the other generators.
 
+Then the MoE's fragments of one parent also count as such where they fire together on at most half the rows
+chance would give them (`merge_lift` 0.5; "almost never" was too strict beside a parent on 47% of the rows):
+`centred` seed 1 0.97 -> 1.00, `uneven` seed 2 0.89 -> 0.90 (0.902), edges 0.95 -> 0.97 there, `orthogonal`
+seed 1 0.90 -> 0.91, the table above.
+
 The issue's goal (>= 0.9 children, >= 0.95 parents, edge precision >= 0.9 on every generator) is met by the
-tree on every generator and seed, and by the
-MoE on every generator but `uneven` (children 0.89 on seed 2: parents of up to 8 children in a
-4-dimensional subspace). The budget is 1500 steps so that CI stays near 15 minutes.
+tree and by the MoE on every generator and seed, the MoE with little to spare (`uneven` seed 2 0.902,
+`orthogonal` 0.914 / 0.914). The MoE's children floors on those two generators stay at 0.85, under the goal:
+on another machine's kernels single seeds have moved by up to 0.03 even pinned. The budget is 1500 steps so
+that CI stays near 15 minutes.
 """
 
 from __future__ import annotations

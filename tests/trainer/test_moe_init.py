@@ -275,6 +275,26 @@ def test_a_fragment_picked_weakly_beside_its_twin_still_counts_as_a_fragment():
     assert fragment_pairs(indices, W_dec, 0.5) == []  # counting every row misses them
 
 
+def test_fragments_of_a_frequent_parent_meet_below_chance_and_a_promoted_child_above_it():
+    """Latents 0 and 1 (decoder cosine 0.7): 0 on half of the rows, 1 on a fifth, together on 120 rows, 15%
+    of the rarer one's (more than MAX_FRAGMENT_COFIRING) but 0.3 of chance: fragments with `max_lift` 0.5,
+    not without. Latents 2 and 3 (cosine 0.7): 3 always fires with 2, at twice chance: never a pair."""
+    n = 4000
+    row = torch.arange(n)
+    indices = torch.stack([
+        torch.where(row < 2000, 0, 2),
+        torch.where((row >= 1880) & (row < 2680), 1, torch.where((row >= 3000) & (row < 3400), 3, -1)),
+    ], 1)
+    values = torch.where(indices >= 0, 1.0, 0.0)
+    basis = torch.eye(8)
+    near_0, near_2 = 0.7 * basis[0] + 0.71 * basis[1], 0.7 * basis[2] + 0.71 * basis[3]
+    W_dec = torch.stack([basis[0], near_0, basis[2], near_2])
+    assert fragment_pairs(indices, W_dec, 0.5, values) == []
+    pairs = fragment_pairs(indices, W_dec, 0.5, values, max_lift=0.5)
+    assert [p[:2] for p in pairs] == [(0, 1)] and pairs[0][2:] == (2000, 800)
+    assert fragment_pairs(indices, W_dec, 0.5, values, max_lift=0.25) == []  # 0.3 of chance is above 0.25
+
+
 def _slot_on_two_children(**fields):
     """(model, rows, true child per row): `_one_parent_three_children` with an expert whose subspace is the
     children's span and whose slot 0 sits between true children 0 and 1, slot 1 on child 2, slot 2 where no

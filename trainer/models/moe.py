@@ -167,7 +167,9 @@ def _reseed_parents(
 
 
 @torch.no_grad()
-def merge_fragments(model: MoEHSAE, x_BD: Tensor, min_cos: float, rounds: int = 4) -> list[int]:
+def merge_fragments(
+    model: MoEHSAE, x_BD: Tensor, min_cos: float, rounds: int = 4, max_lift: float = 0.0
+) -> list[int]:
     """Merges top-level latents that are fragments of one parent (`fragment_pairs`) into one parent whose
     expert (re-initialised next) tells them apart; the freed latent is re-seeded on the residual of a badly
     reconstructed sample token. A few rounds, so that a parent split in more than two merges too. Returns the
@@ -177,7 +179,7 @@ def merge_fragments(model: MoEHSAE, x_BD: Tensor, min_cos: float, rounds: int = 
     generator = torch.Generator(device=x_BD.device).manual_seed(len(x_BD))
     for _ in range(rounds):
         codes, kept, _, _ = model._codes(x_BD)
-        pairs = fragment_pairs(codes[0].indices, model.W_dec_FD, min_cos, codes[0].values)
+        pairs = fragment_pairs(codes[0].indices, model.W_dec_FD, min_cos, codes[0].values, max_lift)
         if not pairs:
             break
         seeds_PD = _seed_residuals(model, x_BD, codes, kept, len(pairs), generator)
@@ -705,7 +707,7 @@ class MoEHSAE(HSAE):
         if cfg.reseed_dead_parents and not polish and step < max(self.init_steps):
             adopted += reseed_dead_parents(self, x_BD)
         if cfg.merge_cos < 1 and not polish:
-            merged = merge_fragments(self, x_BD, cfg.merge_cos)
+            merged = merge_fragments(self, x_BD, cfg.merge_cos, max_lift=cfg.merge_lift)
         if cfg.refit_parents:
             refit_parent_decoders(self, x_BD)
         only_starved = not first and cfg.expert_reinit == "starved"
