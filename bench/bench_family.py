@@ -51,6 +51,7 @@ VARIANTS: dict[str, tuple[str, str, dict, dict]] = {
     "  - split children merged": ("moe", "project", {"child_separation": 0.0}, {}),
     "  - polish round": ("moe", "project", {"polish_at": []}, {}),
     "  - dead parents re-seeded": ("moe", "project", {"reseed_dead_parents": False}, {}),
+    "  - fragments below chance merged": ("moe", "project", {"merge_lift": 0.0}, {}),
     "  + late round, all experts, blind P↓, split children merged": ("moe", "project", CLUSTERED, {}),
     "  + the same and promoted children freed": ("moe", "project", {**CLUSTERED, "promoted_share": 0.5}, {}),
     "tree project": ("tree", "project", {}, {}),
@@ -62,6 +63,7 @@ VARIANTS: dict[str, tuple[str, str, dict, dict]] = {
     "  - every parent's children redone (starved only)": ("tree", "project", {"child_reinit": "starved"}, {}),
     "  - late merges of top fragments": ("tree", "project", {"late_merge_cos": 1.0}, {}),
     "  + merge from cosine 0.4 (not adopted)": ("tree", "project", {"merge_cos": 0.4}, {}),
+    "  + fragments below chance merged (not adopted)": ("tree", "project", {"merge_lift": 0.5}, {}),
 }
 
 

@@ -137,7 +137,9 @@ class TreeHSAE(HSAE):
                 raise ValueError("initialising children from data needs a sample of activations")
             x_BD = self.normalize(sample_raw_ND.to(self.saes[0].W_dec_FD.device).float())[0]
             later = step > min(self.init_steps)
-            merged = merge_top_fragments(self, x_BD, self.cfg.merge_cos) if self.cfg.merge_cos < 1 else []
+            merged = []
+            if self.cfg.merge_cos < 1:
+                merged = merge_top_fragments(self, x_BD, self.cfg.merge_cos, max_lift=self.cfg.merge_lift)
             for level in range(1, len(self.saes)):
                 init_level(self, level, x_BD, only_starved=later and self.cfg.child_reinit == "starved")
             fit_floors(self, x_BD)
@@ -155,7 +157,9 @@ class TreeHSAE(HSAE):
             x_BD = self.normalize(sample_raw_ND.to(device).float())[0]
             merged = []
             if self.cfg.late_merge_cos < 1 and self.init_steps and step > max(self.init_steps):
-                merged = merge_top_fragments(self, x_BD, self.cfg.late_merge_cos)
+                merged = merge_top_fragments(
+                    self, x_BD, self.cfg.late_merge_cos, max_lift=self.cfg.merge_lift
+                )
             counters = [CoFiring(a.width, b.width, device) for a, b in zip(self.saes, self.saes[1:])]
             for start in range(0, len(sample_raw_ND), _ASSIGN_CHUNK):
                 codes = self.encode(sample_raw_ND[start : start + _ASSIGN_CHUNK].to(device))
@@ -441,7 +445,9 @@ def init_children(model: TreeHSAE, level: int, x_BD: Tensor, only_starved: bool)
 
 
 @torch.no_grad()
-def merge_top_fragments(model: TreeHSAE, x_BD: Tensor, min_cos: float, rounds: int = 4) -> list[int]:
+def merge_top_fragments(
+    model: TreeHSAE, x_BD: Tensor, min_cos: float, rounds: int = 4, max_lift: float = 0.0
+) -> list[int]:
     """The top level's fragments of one parent (`fragment_pairs`) merged into one latent, whose children
     then split its events (`init_children` runs next); the freed latent is re-seeded on the residual of a
     badly reconstructed sample row, and the children of the freed latent move to the merged one. A TopK top
@@ -453,7 +459,7 @@ def merge_top_fragments(model: TreeHSAE, x_BD: Tensor, min_cos: float, rounds: i
     generator = torch.Generator(device=x_BD.device).manual_seed(len(x_BD))
     for _ in range(rounds):
         values_BK, indices_BK, _ = sae.encode(x_BD)
-        pairs = fragment_pairs(indices_BK, sae.W_dec_FD, min_cos, values_BK)
+        pairs = fragment_pairs(indices_BK, sae.W_dec_FD, min_cos, values_BK, max_lift)
         if not pairs:
             break
         residual_BD = x_BD - sae.decode(indices_BK, values_BK)
