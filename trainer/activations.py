@@ -226,13 +226,11 @@ class ActivationCache:
         S = self.shard_contexts
         missing = [i for i in range(n_shards) if not self._holds(i, min((i + 1) * S, n_ctx))]
         if missing:
-            todo_tokens = sum(
-                int(mask_CT[i * self.shard_contexts : (i + 1) * self.shard_contexts].sum()) for i in missing
-            )
+            todo_tokens = sum(int(mask_CT[i * S : (i + 1) * S].sum()) for i in missing)
             with tqdm(total=todo_tokens, desc=f"activations L{self.lm.layer}", unit="tok", unit_scale=True,
                       smoothing=0.1) as bar:
                 for i in missing:
-                    lo, hi = i * self.shard_contexts, min((i + 1) * self.shard_contexts, len(cum))
+                    lo, hi = i * S, min((i + 1) * S, len(cum))
                     self._extract_shard(i, ctx.token_ids_CT[lo:hi], lo, batch_contexts, bar)
                     if on_shard is not None:
                         on_shard(i)
@@ -268,14 +266,12 @@ class ActivationCache:
         partial.mkdir(parents=True)
         np.save(partial / "acts.npy", np.concatenate(acts))
         np.save(partial / "rows.npy", np.concatenate(rows))
+        old = final.with_name(final.name + f".partial-old-{os.getpid()}")
         if final.exists():  # a shorter extraction of this shard: set aside (open maps stay valid), replaced
-            old = final.with_name(final.name + f".partial-old-{os.getpid()}")
             shutil.rmtree(old, ignore_errors=True)
             os.replace(final, old)
-            os.replace(partial, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(partial, final)
+        os.replace(partial, final)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def extract_batch(lm: LanguageModel, tokens_CT: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

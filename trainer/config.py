@@ -280,9 +280,9 @@ class ArchConfig:
     """`moe`/`tree`: top-level latents closer than `merge_cos` (the tree's `late_merge_cos` after its last
     child round) are fragments too where they fire together strongly on at most this share of the rows
     chance would give them (the product of their rates); 0 = only where they (almost) never do. The MoE's
-    project preset: 0.5. Fragments of a frequent parent avoid each other without
-    never meeting: on the synthetic family's `uneven` (seed 2) two latents at decoder cosine 0.77, one on 47%
-    of the rows, fired together on 0.37 of chance and stayed apart. Family (3 seeds, pinned kernels): children
+    project preset: 0.5. Fragments of a frequent parent avoid each other without never meeting: on the
+    synthetic family's `uneven` (seed 2) two latents at decoder cosine 0.77, one on 47% of the rows, fired
+    together on 0.37 of chance and stayed apart. Family (3 seeds, pinned kernels): children
     `uneven` 0.97 / 0.91 / 0.89 -> 0.97 / 0.91 / 0.90, `centred` 1.00 / 0.97 / 1.00 -> 1.00, the rest within
     0.01, every run at 0.90 or more. On SmolLM2 (`bench/bench_real.py`, held-out tokens) it merges nothing
     more: explained variance 0.775, CE loss score 0.981, dead children 7.0%, as before. The tree keeps 0 (with
