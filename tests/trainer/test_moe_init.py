@@ -328,12 +328,12 @@ def test_a_starved_child_is_revived_on_its_experts_residual_and_the_others_keep_
     assert revive_children(model, x_n) == 0  # nothing starved any more
 
 
-def _fragmented_parent():
+def _fragmented_parent(**extra):
     """A MoE of two top-level latents that are fragments of `_one_parent_three_children`'s parent (one
     leans to child 0, one to child 1; decoder cosine 0.74, never on the same row with k = 1), a round
-    scheduled at 50% of a 100-step run and a polish round at 80%."""
+    scheduled at 50% of a 100-step run and a polish round at 80%; `extra`: more ArchConfig fields."""
     x_ND, _, u_D, w_CD = _one_parent_three_children()
-    fields = {"width": 2, "k": 1, "center": False, "children": 3, "subspace": 3}
+    fields = {"width": 2, "k": 1, "center": False, "children": 3, "subspace": 3, **extra}
     model = build_model(ArchConfig(arch="moe", expert_init_at=[0.5], polish_at=[0.8], **fields), 16, seed=0)
     fragments_2D = unit_rows(u_D + 0.6 * w_CD[:2])
     with torch.no_grad():
@@ -344,9 +344,9 @@ def _fragmented_parent():
 
 
 def test_a_polish_round_redoes_the_experts_and_leaves_the_top_levels_latents_alone():
-    """Late in the run (`polish_at`) experts are redone and parents refitted, but fragments are not merged:
-    a freed latent would have too little of the run left to find a feature. An `expert_init_at` round on
-    the same model merges them."""
+    """Late in the run (`polish_at`) experts are redone and parents refitted, but fragments are not merged
+    (`late_merge_cos` 1, the default of a config built directly). An `expert_init_at` round on the same
+    model merges them."""
     model, x_ND = _fragmented_parent()
     assert model.reassign_due(80) and model.reassign_due(50) and not model.reassign_due(60)
     encoders = model.W_enc_DF.detach().clone()
@@ -362,6 +362,24 @@ def test_a_polish_round_redoes_the_experts_and_leaves_the_top_levels_latents_alo
     assert not torch.equal(model.W_enc_DF.detach(), encoders)
     codes = model.encode(x_ND)[0]
     assert fragment_pairs(codes.indices, model.W_dec_FD.detach(), 0.5, codes.values) == []
+
+
+def test_a_polish_round_merges_fragments_from_late_merge_cos():
+    """With `late_merge_cos` (the project preset's 0.4) the polish round merges the top level's fragments
+    too, as an `expert_init_at` round does: one latent fires on all of the parent's rows, and its expert,
+    redone, tells the three children apart."""
+    model, x_ND = _fragmented_parent(late_merge_cos=0.5)
+    _, child_N, _, _ = _one_parent_three_children()
+    model.reassign(x_ND, 80)
+    codes = model.encode(x_ND)
+    top_N = codes[0].indices.squeeze(1)
+    assert fragment_pairs(codes[0].indices, model.W_dec_FD.detach(), 0.5, codes[0].values) == []
+    parent = int(top_N.mode().values)
+    assert float((top_N == parent).float().mean()) > 0.99
+    slot_N = codes[1].indices.squeeze(1) - parent * 3
+    for c in range(3):  # each true child has a slot of its own
+        assert float((slot_N[child_N == c] == slot_N[child_N == c].mode().values).float().mean()) > 0.9
+    assert len({int(slot_N[child_N == c].mode().values) for c in range(3)}) == 3
 
 
 def test_a_polish_round_redoes_an_expert_only_where_the_fresh_one_explains_its_tokens_better():
@@ -406,3 +424,30 @@ def test_a_dead_parent_is_reseeded_where_the_live_one_covers_two_true_parents():
     assert fires_N.float().mean() > 0.2
     assert len(which_N[fires_N].unique()) == 1  # one true parent's rows
     assert reseed_dead_parents(model, x_n) == []
+
+
+def test_a_latent_freed_at_a_round_is_reseeded_where_the_repaired_model_leaves_most_unexplained():
+    """`_fragmented_parent`'s two fragments of one parent, and on 3% of the rows a feature g that no latent
+    covers. The round merges the fragments; before the repairs the worst reconstructed rows are as often the
+    parent's rows whose child neither fragment holds (residual 0.6·w) as g's rows, and a latent re-seeded
+    there would split the parent again. It is re-seeded once the merged parent's expert is redone, when
+    only g's rows are left unexplained: it fires on g's rows and nowhere else."""
+    model, x_ND = _fragmented_parent()
+    _, _, u_D, w_CD = _one_parent_three_children()
+    g = torch.Generator().manual_seed(1)
+    g_D = torch.randn(16, generator=g)
+    g_D = unit_rows(g_D - torch.linalg.lstsq(torch.cat([u_D[None], w_CD]).T, g_D[:, None]).solution.T
+                    @ torch.cat([u_D[None], w_CD]))
+    on_N = torch.rand(len(x_ND), generator=g) < 0.03
+    x_ND = torch.where(on_N[:, None], g_D + 0.01 * torch.randn(x_ND.shape, generator=g), x_ND)
+    assert not (model.encode(x_ND)[0].indices.squeeze(1)[on_N] >= 0).any()  # nothing covers g yet
+
+    model.reassign(x_ND, 50)
+
+    top_N = model.encode(x_ND)[0].indices.squeeze(1)
+    assert float((top_N[on_N] >= 0).float().mean()) > 0.95  # g is covered now
+    freed = int(top_N[on_N].mode().values)
+    assert float((top_N[on_N] == freed).float().mean()) > 0.95
+    assert float((top_N[~on_N] == freed).float().mean()) < 0.01
+    assert float((top_N[~on_N] == 1 - freed).float().mean()) > 0.99  # the merged parent
+    assert float((unit_rows(model.W_dec_FD.detach()[freed]) * g_D).sum()) > 0.9
