@@ -134,6 +134,9 @@ def test_merge_lift_is_the_moe_project_presets_and_a_share_below_one():
     """Fragments that fire together below chance: the MoE's project preset; the tree's preset, the paper's
     and a config built directly (an older checkpoint's cfg.json) keep the strict rule."""
     assert RunConfig.compose({"arch": "moe"}, {}, "project").arch.merge_lift == 0.5
+    # and the polish round's merges, from cosine 0.4; the paper merges nothing
+    assert RunConfig.compose({"arch": "moe"}, {}, "project").arch.late_merge_cos == 0.4
+    assert RunConfig.compose({"arch": "moe"}, {}, "paper").arch.late_merge_cos == 1.0
     assert RunConfig.compose({"arch": "moe"}, {}, "paper").arch.merge_lift == 0.0
     assert RunConfig.compose({"arch": "tree", "levels": [8, 16]}, {}, "project").arch.merge_lift == 0.0
     assert ArchConfig(arch="moe").merge_lift == 0.0
