@@ -8,12 +8,12 @@ one single-threaded process per core (about 5 minutes on two cores). The floors 
 of the 3 seeds measured for each generator (see bench/bench_family.py for the ablation and the paper preset):
 
   moe          parents          children         edge precision    (seeds 0 / 1 / 2, this 2-core CPU)
-  centred      1.00 1.00 1.00   1.00 1.00 1.00   0.94 0.98 0.98
+  centred      1.00 1.00 1.00   1.00 1.00 1.00   1.00 1.00 1.00
   leaning      0.96 1.00 1.00   0.95 1.00 1.00   1.00 1.00 1.00
-  uneven       1.00 1.00 0.96   0.97 0.91 0.90   1.00 0.99 0.97
+  uneven       1.00 1.00 0.96   0.95 0.94 0.91   1.00 0.99 0.96
   raw-scale    1.00 1.00 1.00   1.00 1.00 1.00   1.00 1.00 1.00
-  orthogonal   1.00 1.00 1.00   0.91 0.91 0.95   0.95 0.97 0.94
-  close        1.00 1.00 1.00   0.98 0.96 0.97   1.00 1.00 1.00
+  orthogonal   1.00 1.00 1.00   0.99 1.00 1.00   0.99 1.00 0.97
+  close        1.00 1.00 1.00   0.98 1.00 1.00   1.00 1.00 1.00
   tree
   centred      1.00 1.00 1.00   0.98 1.00 0.98   0.98 1.00 0.90
   leaning      0.96 1.00 1.00   0.97 1.00 1.00   0.99 1.00 1.00
@@ -83,11 +83,17 @@ chance would give them (`merge_lift` 0.5; "almost never" was too strict beside a
 `uneven` seed 2 0.879 -> 0.902, every other run the same (both measured pinned on one machine), the table
 above. (Re-measured then, the tree's `centred` seed 2 was at edge precision 0.905 and children 0.98.)
 
+Then the latents a MoE round frees (promoted children, dead parents, the second of a merged pair) are
+re-seeded after the round's repairs, on what the repaired model leaves unexplained, and the polish round
+merges fragments too, from cosine 0.4 (`late_merge_cos`, the merged latent keeping the sum of the pair's
+encoders): the table above. `orthogonal` 0.91 / 0.91 / 0.95 -> 0.99 / 1.00 / 1.00, `centred` edges 0.94 ->
+1.00, `uneven` 0.97 / 0.91 / 0.90 -> 0.95 / 0.94 / 0.91, `close` seed 1 0.96 -> 1.00. Over seeds 0-5 of five
+of these generators and three more (README, "Six seeds") mean children 0.943 -> 0.953.
+
 The issue's goal (>= 0.9 children, >= 0.95 parents, edge precision >= 0.9 on every generator) is met by the
-tree and by the MoE on every generator and seed, the MoE with little to spare (`uneven` seed 2 0.902,
-`orthogonal` 0.914 / 0.914). The MoE's children floors on those two generators stay at 0.85, under the goal:
-on another machine's kernels single seeds have moved by up to 0.03 even pinned. The budget is 1500 steps so
-that CI stays near 15 minutes.
+tree and by the MoE on every generator at these seeds, but not robustly by the MoE on `uneven`: seeds 3-5
+found 0.80-0.91 of the children (parents of 7-8 nearly orthogonal children in a 4-dimensional subspace), so
+its children floor stays at 0.85, under the goal. The budget is 1500 steps so that CI stays near 15 minutes.
 """
 
 from __future__ import annotations
@@ -103,11 +109,11 @@ pytestmark = pytest.mark.slow
 SEEDS = (0, 1, 2)
 # (arch, generator) -> (parents, children, edge precision) that every seed must reach
 FLOORS = {
-    ("moe", "centred"): (0.95, 0.95, 0.9),
+    ("moe", "centred"): (0.95, 0.95, 0.95),
     ("moe", "leaning"): (0.95, 0.9, 0.95),
     ("moe", "uneven"): (0.95, 0.85, 0.9),
     ("moe", "raw-scale"): (0.95, 0.95, 0.95),
-    ("moe", "orthogonal"): (0.95, 0.85, 0.9),
+    ("moe", "orthogonal"): (0.95, 0.95, 0.95),
     ("moe", "close"): (0.95, 0.9, 0.95),
     ("tree", "centred"): (0.95, 0.95, 0.9),
     ("tree", "leaning"): (0.95, 0.95, 0.95),
