@@ -311,14 +311,16 @@ class ArchConfig:
 
     late_merge_cos: float = 1.0
     """`moe`: the polish round (`polish_at`) merges the top level's fragments of one parent from this cosine
-    (as `merge_cos` and `merge_lift` at the earlier rounds; the merged latent keeps the sum of the pair's
-    encoders, the freed one is re-seeded after the round's repairs); project preset 0.4. After the last
-    round (50%) the top level splits parents again into "parent + one child" latents on `orthogonal`
-    (children as strong as their parent and orthogonal to it; seed 0 ended with two such pairs at decoder
-    cosine 0.41 and 0.51, firing together on 0.05 and 0.10 of chance), and their children, cut by
-    magnitude, match no true child. Measured over 8 synthetic generators x 6 seeds (README): `orthogonal`
-    children 0.939 -> 0.983 (worst seed 0.91 -> 0.94), `centred` 0.995 -> 1.000, mean 0.947 -> 0.953; with
-    the tied encoder, `uneven` seed 0 lost two parents (1.00 -> 0.92). On SmolLM2 nothing is merged.
+    (as `merge_cos` and `merge_lift` at the earlier rounds; the merged latent's encoder points along the sum
+    of the pair's, at the tied encoder's norm; the freed one is re-seeded after the round's repairs); project
+    preset 0.4. After the last round (50%) the top level splits parents again into "parent + one child"
+    latents on `orthogonal` (children as strong as their parent and orthogonal to it; seed 0 ended with two
+    such pairs at decoder cosine 0.41 and 0.51, firing together on 0.05 and 0.10 of chance), and their
+    children, cut by magnitude, match no true child. Measured over 8 synthetic generators x 6 seeds (README,
+    with every freed latent re-seeded after the repairs and the bare sum of encoders, as it landed):
+    `orthogonal` children 0.939 -> 0.983 (worst seed 0.91 -> 0.94), `centred` 0.995 -> 1.000, mean 0.947 ->
+    0.953; with the tied encoder, `uneven` seed 0 lost two parents (1.00 -> 0.92). On SmolLM2 nothing is
+    merged.
 
     `tree` with co-activation: after the last `child_init_at` round, every re-assignment first merges the
     top level's fragments of one parent (decoder rows closer than this cosine that almost never fire strongly

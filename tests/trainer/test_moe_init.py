@@ -9,6 +9,7 @@ the offset subtracted before all of it leaves frequent features out and folds de
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from trainer.config import ArchConfig
@@ -426,13 +427,43 @@ def test_a_dead_parent_is_reseeded_where_the_live_one_covers_two_true_parents():
     assert reseed_dead_parents(model, x_n) == []
 
 
-def test_a_latent_freed_at_a_round_is_reseeded_where_the_repaired_model_leaves_most_unexplained():
+def test_a_dead_parent_is_reseeded_at_once_at_a_round_not_after_the_experts_take_up_the_mixture():
+    """`reseed_dead_parents`'s two parents held by one latent, through a whole round (`reassign`). Re-seeded
+    after the repairs, the dead latent would come too late: the live latent's redone expert spends its two
+    slots on the two parents' difference, nothing is left badly reconstructed there, and the mixture stays
+    (synthetic `noisy` seed 0 kept one such latent to the end): it fires nowhere and points at the noise.
+    Re-seeded at once, it takes one true parent."""
+    g = torch.Generator().manual_seed(0)
+    basis = torch.linalg.qr(torch.randn(16, 16, generator=g)).Q.T
+    which_N = torch.randint(2, (2000,), generator=g)
+    scale_N1 = 0.5 + torch.rand(2000, 1, generator=g)
+    x_ND = basis[which_N] * scale_N1 + 0.01 * torch.randn(2000, 16, generator=g)
+    between_D = unit_rows(basis[0] + basis[1])
+    config = ArchConfig(
+        arch="moe", width=2, k=1, center=False, children=2, subspace=2, expert_init_at=[0.5, 0.9]
+    )
+    model = build_model(config, 16, seed=0)
+    with torch.no_grad():
+        model.W_dec_FD.copy_(torch.stack([between_D, -between_D]))
+        model.W_enc_DF.copy_(torch.stack([between_D, -between_D]).T)
+    model.start_training(100)
+    model.reassign(x_ND, 50)
+    fires_N = (model.encode(x_ND)[0].indices == 1).any(1)
+    shares = sorted(float(fires_N[which_N == true].float().mean()) for true in range(2))
+    assert shares[0] < 0.02 and shares[1] > 0.3  # one true parent's rows (training takes the rest)
+    assert float((unit_rows(model.W_dec_FD.detach()[1]) @ basis[:2].T).abs().max()) > 0.9
+
+
+@pytest.mark.parametrize("step", [50, 80], ids=["round", "polish round"])
+def test_a_latent_freed_by_a_merge_is_reseeded_where_the_repaired_model_leaves_most_unexplained(step):
     """`_fragmented_parent`'s two fragments of one parent, and on 3% of the rows a feature g that no latent
-    covers. The round merges the fragments; before the repairs the worst reconstructed rows are as often the
-    parent's rows whose child neither fragment holds (residual 0.6·w) as g's rows, and a latent re-seeded
-    there would split the parent again. It is re-seeded once the merged parent's expert is redone, when
-    only g's rows are left unexplained: it fires on g's rows and nowhere else."""
-    model, x_ND = _fragmented_parent()
+    covers. A round (or the polish round, with `late_merge_cos` 0.5) merges the fragments; before the repairs
+    the worst reconstructed rows are as often the parent's rows whose child neither fragment holds (residual
+    0.6·w) as g's rows, and a latent re-seeded there would split the parent again. It is re-seeded once the
+    merged parent's expert is redone, when only g's rows are left unexplained: it fires on g's rows and
+    nowhere else. At the polish round this needs the merged encoder at `merge_pair`'s norm: the bare sum of
+    the pair's encoders doubles the parent's value, and the latent lands on that overshoot."""
+    model, x_ND = _fragmented_parent(late_merge_cos=0.5)  # merges at the polish round too
     _, _, u_D, w_CD = _one_parent_three_children()
     g = torch.Generator().manual_seed(1)
     g_D = torch.randn(16, generator=g)
@@ -442,7 +473,7 @@ def test_a_latent_freed_at_a_round_is_reseeded_where_the_repaired_model_leaves_m
     x_ND = torch.where(on_N[:, None], g_D + 0.01 * torch.randn(x_ND.shape, generator=g), x_ND)
     assert not (model.encode(x_ND)[0].indices.squeeze(1)[on_N] >= 0).any()  # nothing covers g yet
 
-    model.reassign(x_ND, 50)
+    model.reassign(x_ND, step)
 
     top_N = model.encode(x_ND)[0].indices.squeeze(1)
     assert float((top_N[on_N] >= 0).float().mean()) > 0.95  # g is covered now

@@ -154,17 +154,11 @@ def _seed_residuals(
 
 
 def _reseed_parents(
-    model: MoEHSAE, x_BD: Tensor, codes: list[LevelCode], kept: LevelCode, latents: list[int], salt: int,
-    park: list[int] | None = None,
+    model: MoEHSAE, x_BD: Tensor, codes: list[LevelCode], kept: LevelCode, latents: list[int], salt: int
 ) -> None:
     """Re-seeds each of `latents` along the residual of a sample token drawn as `_seed_residuals` draws
     them (a generator seeded by the sample's length plus `salt`), its encoder at the level's mean encoder
-    norm, as dead latents are resampled. With `park`, they are silenced instead (a zero encoder: below the
-    threshold on every token) and appended to it; `MoEHSAE.reassign` re-seeds them after its repairs."""
-    if park is not None:
-        model.W_enc_DF[:, latents] = 0
-        park.extend(latents)
-        return
+    norm, as dead latents are resampled."""
     generator = torch.Generator(device=x_BD.device).manual_seed(len(x_BD) + salt)
     seeds_PD = _seed_residuals(model, x_BD, codes, kept, len(latents), generator)
     gain = model.W_enc_DF.norm(dim=0).mean()
@@ -180,15 +174,18 @@ def merge_fragments(
     """Merges top-level latents that are fragments of one parent (`fragment_pairs`) into one parent whose
     expert (re-initialised next) tells them apart; the freed latent is re-seeded on the residual of a badly
     reconstructed sample token, or, with `park`, silenced (a zero encoder) and appended to it, to be re-seeded
-    once the round's repairs are done. A few rounds, so that a parent split in more than two merges too.
-    Returns the merged parents. Measured on the synthetic family (seeds 0 / 1 / 2), parents found went from
-    0.75 / 1.00 / 0.94 to 1.00 on `centred` and from 0.95 / 0.90 / 1.00 to 1.00 on `orthogonal`.
+    once the round's repairs are done (`MoEHSAE.reassign`). A few rounds, so that a parent split in more
+    than two merges too. Returns the merged parents. Measured on the synthetic family (seeds 0 / 1 / 2),
+    parents found went from 0.75 / 1.00 / 0.94 to 1.00 on `centred` and from 0.95 / 0.90 / 1.00 to 1.00 on
+    `orthogonal`.
 
-    `keep_encoders` (the polish round): the merged latent's encoder is the sum of the pair's trained
-    encoders instead of the tied one `merge_pair` gives: with a fifth of the run left, a tied encoder has no
-    time to become selective again. On `uneven` (seed 0) a frequent parent's merged latent fired on 20,204
-    sample rows with the tied encoder, against the parent's 11,556, and took two rare parents' rows (parents
-    found 1.00 -> 0.92); with the sum, 1.00."""
+    `keep_encoders` (the polish round): the merged latent's encoder points along the sum of the pair's
+    trained encoders instead of the tied one `merge_pair` gives (with a fifth of the run left, a tied encoder
+    has no time to become selective again: on `uneven` seed 0 a frequent parent's merged latent fired on
+    20,204 sample rows against the parent's 11,556 and took two rare parents' rows, parents found 1.00 ->
+    0.92), at `merge_pair`'s norm: both encoders read the parent, so the bare sum doubled the merged latent's
+    value on the pair's rows, and a latent re-seeded right after the repairs landed on that overshoot
+    (decoder cosine -0.94 with the parent; tests/trainer/test_moe_init.py)."""
     merged: list[int] = []
     generator = torch.Generator(device=x_BD.device).manual_seed(len(x_BD))
     for _ in range(rounds):
@@ -196,23 +193,24 @@ def merge_fragments(
         pairs = fragment_pairs(codes[0].indices, model.W_dec_FD, min_cos, codes[0].values, max_lift)
         if not pairs:
             break
-        seeds_PD = _seed_residuals(model, x_BD, codes, kept, len(pairs), generator)
+        if park is None:
+            seeds_PD = _seed_residuals(model, x_BD, codes, kept, len(pairs), generator)
+        else:  # parked: any seed does, the latent is silenced and re-seeded later
+            seeds_PD = model.W_dec_FD[[free for _, free, _, _ in pairs]]
         for (keep, free, n_keep, n_free), seed_D in zip(pairs, seeds_PD):
-            either_D = model.W_enc_DF[:, keep] + model.W_enc_DF[:, free]
+            either_D = model.W_enc_DF[:, keep] + model.W_enc_DF[:, free] if keep_encoders else None
             merge_pair(model.W_enc_DF, model.W_dec_FD, keep, free, n_keep, n_free, seed_D)
-            if keep_encoders:
-                model.W_enc_DF[:, keep] = either_D
+            if either_D is not None:  # the pair's encoders, at the merged encoder's norm (`merge_pair`'s)
+                model.W_enc_DF[:, keep] = either_D * (model.W_enc_DF[:, keep].norm() / either_D.norm())
             if park is not None:
-                model.W_enc_DF[:, free] = 0
+                model.W_enc_DF[:, free] = 0  # silent (below the threshold on every token) until re-seeded
                 park.append(free)
             merged.append(keep)
     return merged
 
 
 @torch.no_grad()
-def free_promoted_children(
-    model: MoEHSAE, x_BD: Tensor, min_share: float, park: list[int] | None = None
-) -> list[int]:
+def free_promoted_children(model: MoEHSAE, x_BD: Tensor, min_share: float) -> list[int]:
     """Frees the top-level latents that are children promoted beside their parent (`promoted_children`):
     each is re-seeded on the residual of a badly reconstructed sample token, as dead latents are resampled,
     and its parent's expert (returned, to be re-initialised) takes its tokens."""
@@ -220,12 +218,12 @@ def free_promoted_children(
     pairs = promoted_children(codes[0].indices, model.n_parents, min_share)
     if not pairs:
         return []
-    _reseed_parents(model, x_BD, codes, kept, [child for child, _ in pairs], salt=1, park=park)
+    _reseed_parents(model, x_BD, codes, kept, [child for child, _ in pairs], salt=1)
     return [parent for _, parent in pairs]
 
 
 @torch.no_grad()
-def reseed_dead_parents(model: MoEHSAE, x_BD: Tensor, park: list[int] | None = None) -> list[int]:
+def reseed_dead_parents(model: MoEHSAE, x_BD: Tensor) -> list[int]:
     """Re-seeds the top-level latents that fire on none of the sample's tokens on the residuals of badly
     reconstructed tokens (`_seed_residuals`), as dead latents are resampled; returns them (their experts are
     redone next). Why: a dead parent leaves the live ones to cover more true parents than they can. On the
@@ -237,7 +235,7 @@ def reseed_dead_parents(model: MoEHSAE, x_BD: Tensor, park: list[int] | None = N
     dead = torch.nonzero(fired_F == 0).squeeze(1).tolist()
     if not dead:
         return []
-    _reseed_parents(model, x_BD, codes, kept, dead, salt=5, park=park)
+    _reseed_parents(model, x_BD, codes, kept, dead, salt=5)
     return dead
 
 
@@ -714,14 +712,17 @@ class MoEHSAE(HSAE):
         rows, merges fragments from `late_merge_cos` and redoes the experts whose fresh children explain
         their tokens better; a revival round (`revive_children_at`) only re-seeds starved children.
 
-        The top-level latents a round frees (promoted children, dead parents, the second of each merged
-        pair) are re-seeded last, on the residuals of the sample as the repaired model reconstructs it, and
-        their experts initialised there. Re-seeded before the repairs, as before, they went where the
-        repairs were about to help: the tokens whose child a split parent's fragments lacked, and split that
-        parent again. Measured on the synthetic family (8 generators x 6 seeds, pinned kernels): mean
-        children found 0.943 -> 0.947, `orthogonal` 0.923 -> 0.939; `uneven` seed 4 and `zipfhi` seed 2 fell
-        (0.85 -> 0.80, 0.92 -> 0.82) where the repaired model's worst tokens drew two latents onto one rare
-        parent. On SmolLM2 no latent is freed: the run is the same to the last digit."""
+        The second latent of each merged pair is re-seeded last, on the residuals of the sample as the
+        repaired model reconstructs it, and its expert initialised there. Re-seeded at once, it went where
+        the repairs were about to help, the tokens whose child a split parent's fragments lacked, and split
+        that parent again. Promoted children and dead parents are re-seeded at once: re-seeded last too,
+        they missed a latent that held two true parents, whose redone expert had taken up the pair's
+        difference (`noisy` seed 0: the two parents shared one latent to the end, parents 0.96). Measured on
+        the synthetic family (README, "Re-seeding order"; pinned kernels): mean children over 8 generators
+        x 6 seeds and 5 more x 3 seeds 0.959-0.960 with every freed latent re-seeded at once (the polish
+        round's merges last), 0.958-0.959 all last, 0.962 the merged pairs' last (`noisy` 0.955 -> 1.000,
+        `rawmix` 0.941 -> 0.983 against all last, `orthogonal` 0.983 as with all last); on the family alone
+        all within what seeds move. On SmolLM2 no latent is freed or merged: the run is unchanged."""
         if sample_raw_ND is None:
             raise ValueError("re-initialising experts needs a sample of activations")
         cfg = self.cfg
@@ -735,12 +736,12 @@ class MoEHSAE(HSAE):
         if first and cfg.center and cfg.fold_density < 1:
             folded = fold_dense_parents(self, sample_raw_ND, cfg.fold_density)
         x_BD = self.normalize(sample_raw_ND)[0]
-        # latents freed here are parked (silent) and re-seeded once the round's repairs are done
+        # the merged pairs' freed latents are parked (silent) and re-seeded once the repairs are done
         adopted, merged, park = [], [], []
         if cfg.promoted_share < 1 and not polish:
-            adopted = free_promoted_children(self, x_BD, cfg.promoted_share, park=park)
+            adopted = free_promoted_children(self, x_BD, cfg.promoted_share)
         if cfg.reseed_dead_parents and not polish and step < max(self.init_steps):
-            adopted += reseed_dead_parents(self, x_BD, park=park)
+            adopted += reseed_dead_parents(self, x_BD)
         if cfg.merge_cos < 1 and not polish:
             merged = merge_fragments(self, x_BD, cfg.merge_cos, max_lift=cfg.merge_lift, park=park)
         elif polish and cfg.late_merge_cos < 1:  # fragments split again after the last round
