@@ -63,6 +63,7 @@ VARIANTS: dict[str, tuple[str, str, dict, dict]] = {
     "  - TopK floor (plain TopK)": ("tree", "project", {"min_activation": 0.0}, {}),
     "  - every parent's children redone (starved only)": ("tree", "project", {"child_reinit": "starved"}, {}),
     "  - late merges of top fragments": ("tree", "project", {"late_merge_cos": 1.0}, {}),
+    "  - dead top latents re-seeded": ("tree", "project", {"reseed_dead_parents": False}, {}),
     "  + merge from cosine 0.4 (not adopted)": ("tree", "project", {"merge_cos": 0.4}, {}),
     "  + fragments below chance merged (not adopted)": ("tree", "project", {"merge_lift": 0.5}, {}),
 }

@@ -531,6 +531,46 @@ def test_tree_merges_the_top_levels_fragments_and_moves_their_children():
     assert (model.parent_of(1) == keep).sum() == 4 and (model.parent_of(1) == freed).sum() == 0
 
 
+def test_tree_reseeds_a_dead_top_latent_where_a_live_one_covers_two_true_parents():
+    """Rows carry one of two orthogonal parents u1, u2; top latent 0 sits between them and fires on every
+    row, latent 1 points away from all of them and never fires (what the synthetic `noisy` generator left:
+    9 of 32 top latents dead, two true parents sharing one). At a child round it is re-seeded on the residual
+    of a badly reconstructed row (u1 or u2 less its part along latent 0: u1 - u2 or its opposite) and fires
+    on one true parent's rows; the top level's weights go to the optimizer to reset. Off, nothing moves."""
+    from trainer.models.tree import reseed_dead_top
+
+    g = torch.Generator().manual_seed(0)
+    basis = torch.linalg.qr(torch.randn(16, 16, generator=g)).Q.T
+    which_N = torch.randint(2, (2000,), generator=g)
+    scale_N1 = 0.5 + torch.rand(2000, 1, generator=g)
+    x_ND = basis[which_N] * scale_N1 + 0.01 * torch.randn(2000, 16, generator=g)
+    between_D = unit_rows(basis[0] + basis[1])
+
+    def tree(**fields):
+        config = ArchConfig(arch="tree", levels=[2, 4], k=2, child_init_at=[0.3, 0.6], **fields)
+        model = build_model(config, 16)
+        with torch.no_grad():
+            model.saes[0].W_dec_FD.copy_(torch.stack([between_D, -between_D]))
+            model.saes[0].W_enc_DF.copy_(torch.stack([between_D, -between_D]).T)
+        model.start_training(total_steps=10)
+        return model
+
+    model = tree()
+    assert not bool((model.encode(x_ND)[0].indices == 1).any())
+    top = model.saes[0]
+    reset = model.reassign(x_ND, step=3)
+    assert any(param is top.W_dec_FD for param in reset)  # the top level's weights reset too
+    d_D = unit_rows(top.W_dec_FD.detach()[1])
+    assert abs(float(d_D @ unit_rows(basis[0] - basis[1]))) > 0.9
+    fires_N = (model.encode(x_ND)[0].indices == 1).any(1)
+    assert fires_N.float().mean() > 0.2 and len(which_N[fires_N].unique()) == 1  # one true parent's rows
+    assert reseed_dead_top(model, model.normalize(x_ND)[0]) == []
+
+    model = tree(reseed_dead_parents=False)
+    model.reassign(x_ND, step=3)
+    assert torch.equal(model.saes[0].W_dec_FD.detach()[1], -between_D)
+
+
 @pytest.mark.parametrize("late_merge_cos", [1.0, 0.5])
 def test_tree_merges_fragments_at_re_assignments_after_the_last_child_round(late_merge_cos):
     """`late_merge_cos`: a co-activation re-assignment after the last `child_init_at` round merges the top
