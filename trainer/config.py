@@ -222,7 +222,7 @@ class ArchConfig:
     synthetic generators x 3 seeds (README) the worst parents went from 0.91 to 0.96 (`zipfhi` seed 0 0.91
     -> 0.97, `noisy` seed 1 0.92 -> 0.96, where two true parents had shared one latent), mean children
     0.986 -> 0.981; re-seeding at the first round only kept the children (0.989) but not the parents
-    (0.91)."""
+    (0.91). On SmolLM2 (levels 1024 / 4096, 400 steps) no top latent was dead at either round."""
 
     expert_reinit: Literal["all", "starved"] = "all"
     """`moe`: which experts the rounds after the first redo: every expert, or only those with a starved child
