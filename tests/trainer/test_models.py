@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from tests.trainer.helpers import D_IN, tiny_arch_config
+from tests.trainer.helpers import D_IN, tiny_arch_config, two_parents_one_direction
 from trainer.coactivation import CoFiring
 from trainer.config import ArchConfig
 from trainer.models import build_model
@@ -539,12 +539,7 @@ def test_tree_reseeds_a_dead_top_latent_where_a_live_one_covers_two_true_parents
     on one true parent's rows; the top level's weights go to the optimizer to reset. Off, nothing moves."""
     from trainer.models.tree import reseed_dead_top
 
-    g = torch.Generator().manual_seed(0)
-    basis = torch.linalg.qr(torch.randn(16, 16, generator=g)).Q.T
-    which_N = torch.randint(2, (2000,), generator=g)
-    scale_N1 = 0.5 + torch.rand(2000, 1, generator=g)
-    x_ND = basis[which_N] * scale_N1 + 0.01 * torch.randn(2000, 16, generator=g)
-    between_D = unit_rows(basis[0] + basis[1])
+    basis, which_N, x_ND, between_D = two_parents_one_direction()
 
     def tree(**fields):
         config = ArchConfig(arch="tree", levels=[2, 4], k=2, child_init_at=[0.3, 0.6], **fields)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.trainer.helpers import two_parents_one_direction
 from trainer.config import ArchConfig
 from trainer.models import build_model
 from trainer.models.base import (
@@ -405,12 +406,7 @@ def test_a_dead_parent_is_reseeded_where_the_live_one_covers_two_true_parents():
     latent 1 points away from all of them and never fires. Re-seeded on the residual of a badly
     reconstructed row (u1 or u2 less its part along latent 0: the direction u1 - u2 or its opposite), it
     fires on one true parent's rows; a second call finds nothing dead."""
-    g = torch.Generator().manual_seed(0)
-    basis = torch.linalg.qr(torch.randn(16, 16, generator=g)).Q.T
-    which_N = torch.randint(2, (2000,), generator=g)
-    scale_N1 = 0.5 + torch.rand(2000, 1, generator=g)
-    x_ND = basis[which_N] * scale_N1 + 0.01 * torch.randn(2000, 16, generator=g)
-    between_D = unit_rows(basis[0] + basis[1])
+    basis, which_N, x_ND, between_D = two_parents_one_direction()
     config = ArchConfig(arch="moe", width=2, k=1, center=False, children=2, subspace=2)
     model = build_model(config, 16, seed=0)
     with torch.no_grad():
@@ -433,12 +429,7 @@ def test_a_dead_parent_is_reseeded_at_once_at_a_round_not_after_the_experts_take
     slots on the two parents' difference, nothing is left badly reconstructed there, and the mixture stays
     (synthetic `noisy` seed 0 kept one such latent to the end): it fires nowhere and points at the noise.
     Re-seeded at once, it takes one true parent."""
-    g = torch.Generator().manual_seed(0)
-    basis = torch.linalg.qr(torch.randn(16, 16, generator=g)).Q.T
-    which_N = torch.randint(2, (2000,), generator=g)
-    scale_N1 = 0.5 + torch.rand(2000, 1, generator=g)
-    x_ND = basis[which_N] * scale_N1 + 0.01 * torch.randn(2000, 16, generator=g)
-    between_D = unit_rows(basis[0] + basis[1])
+    basis, which_N, x_ND, between_D = two_parents_one_direction()
     config = ArchConfig(
         arch="moe", width=2, k=1, center=False, children=2, subspace=2, expert_init_at=[0.5, 0.9]
     )
