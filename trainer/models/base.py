@@ -425,6 +425,23 @@ def reseed_latent(W_enc_DF: Tensor, W_dec_FD: Tensor, latent: int, seed_D: Tenso
     W_enc_DF[:, latent] = seed_D * gain
 
 
+def silent_latents(indices_BK: Tensor, width: int) -> list[int]:
+    """The latents of a level of `width` that fire on none of the rows of `indices_BK` (-1: a silent slot)."""
+    fired_F = torch.bincount(indices_BK[indices_BK >= 0], minlength=width)
+    return torch.nonzero(fired_F == 0).squeeze(1).tolist()
+
+
+def reseed_on_residuals(
+    W_enc_DF: Tensor, W_dec_FD: Tensor, latents: list[int], residual_BD: Tensor, generator: torch.Generator
+) -> None:
+    """Each of `latents` re-seeded (`reseed_latent`) along the residual of a row drawn in proportion to its
+    squared residual, its encoder at the level's mean encoder norm, as dead latents are resampled."""
+    seeds_PD = residual_BD[torch.multinomial(residual_BD.pow(2).sum(-1), len(latents), generator=generator)]
+    gain = W_enc_DF.norm(dim=0).mean()
+    for latent, seed_D in zip(latents, seeds_PD):
+        reseed_latent(W_enc_DF, W_dec_FD, latent, seed_D, gain)
+
+
 @torch.no_grad()
 def shared_offset(sample_ND: Tensor, quantile: float | None) -> Tensor:
     """The offset every token shares, to subtract before sparse coding: along the direction m̂ of the sample's

@@ -31,7 +31,8 @@ from trainer.models.base import (
     merge_pair,
     merge_unseparated,
     promoted_children,
-    reseed_latent,
+    reseed_on_residuals,
+    silent_latents,
     sparse_decode,
     spherical_kmeans,
     tokens_like,
@@ -156,14 +157,11 @@ def _seed_residuals(
 def _reseed_parents(
     model: MoEHSAE, x_BD: Tensor, codes: list[LevelCode], kept: LevelCode, latents: list[int], salt: int
 ) -> None:
-    """Re-seeds each of `latents` along the residual of a sample token drawn as `_seed_residuals` draws
-    them (a generator seeded by the sample's length plus `salt`), its encoder at the level's mean encoder
-    norm, as dead latents are resampled."""
+    """Re-seeds each of `latents` on the residuals (`_residual`) of sample tokens (`reseed_on_residuals`,
+    a generator seeded by the sample's length plus `salt`), as dead latents are resampled."""
     generator = torch.Generator(device=x_BD.device).manual_seed(len(x_BD) + salt)
-    seeds_PD = _seed_residuals(model, x_BD, codes, kept, len(latents), generator)
-    gain = model.W_enc_DF.norm(dim=0).mean()
-    for latent, seed_D in zip(latents, seeds_PD):
-        reseed_latent(model.W_enc_DF, model.W_dec_FD, latent, seed_D, gain)
+    residual_BD = _residual(model, x_BD, codes, kept)
+    reseed_on_residuals(model.W_enc_DF, model.W_dec_FD, latents, residual_BD, generator)
 
 
 @torch.no_grad()
@@ -230,9 +228,7 @@ def reseed_dead_parents(model: MoEHSAE, x_BD: Tensor) -> list[int]:
     synthetic `close` generator (seed 2) 9 of 24 top latents were dead at the end and one latent held two
     true parents (IoU 0.70 with one, 0.32 with the other)."""
     codes, kept, _, _ = model._codes(x_BD)
-    on_BK = codes[0].indices >= 0
-    fired_F = torch.bincount(codes[0].indices[on_BK], minlength=model.n_parents)
-    dead = torch.nonzero(fired_F == 0).squeeze(1).tolist()
+    dead = silent_latents(codes[0].indices, model.n_parents)
     if not dead:
         return []
     _reseed_parents(model, x_BD, codes, kept, dead, salt=5)

@@ -58,8 +58,9 @@ from trainer.models.base import (
     StepOutput,
     fragment_pairs,
     merge_pair,
-    reseed_latent,
+    reseed_on_residuals,
     shared_offset,
+    silent_latents,
     sparse_decode,
     spherical_kmeans,
     tokens_like,
@@ -460,17 +461,12 @@ def reseed_dead_top(model: TreeHSAE, x_BD: Tensor) -> list[int]:
     if not isinstance(sae, TopKLevel):
         return []
     values_BK, indices_BK, _ = sae.encode(x_BD)
-    fired_F = torch.bincount(indices_BK[indices_BK >= 0], minlength=sae.W_dec_FD.shape[0])
-    dead = torch.nonzero(fired_F == 0).squeeze(1).tolist()
+    dead = silent_latents(indices_BK, sae.W_dec_FD.shape[0])
     if not dead:
         return []
-    residual_BD = x_BD - sae.decode(indices_BK, values_BK)
     generator = torch.Generator(device=x_BD.device).manual_seed(len(x_BD) + 5)
-    rows = torch.multinomial(residual_BD.pow(2).sum(-1), len(dead), generator=generator)
-    gain = sae.W_enc_DF.norm(dim=0).mean()
-    for latent, row in zip(dead, rows.tolist()):
-        reseed_latent(sae.W_enc_DF, sae.W_dec_FD, latent, residual_BD[row], gain)
-        sae.b_enc_F[latent] = 0
+    reseed_on_residuals(sae.W_enc_DF, sae.W_dec_FD, dead, x_BD - sae.decode(indices_BK, values_BK), generator)
+    sae.b_enc_F[dead] = 0
     return dead
 
 
