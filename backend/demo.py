@@ -35,7 +35,7 @@ class DemoSize:
 
 # Sized so that a fresh `make demo` (set-up included) ends within 15 minutes on a 2-core CPU; on a GPU the
 # same command trains a wider H-SAE on more tokens.
-CPU_SIZE = DemoSize(tokens=150_000, width=1024, children=16, subspace=4, k=32, batch=1024, steps=1000,
+CPU_SIZE = DemoSize(tokens=150_000, width=1024, children=16, subspace=8, k=32, batch=1024, steps=1000,
                     index_tokens=100_000, eval_tokens=10_000)
 GPU_SIZE = DemoSize(tokens=2_000_000, width=4096, children=16, subspace=8, k=32, batch=4096, steps=8000,
                     index_tokens=500_000, eval_tokens=50_000)

@@ -39,6 +39,7 @@ CLUSTERED = {
 VARIANTS: dict[str, tuple[str, str, dict, dict]] = {
     "moe project": ("moe", "project", {}, {}),
     "moe paper": ("moe", "paper", {}, {}),
+    "  - subspace 4 (the paper's)": ("moe", "project", {"subspace": 4}, {}),
     "  - data init of experts": ("moe", "project", {"expert_init_at": []}, {}),
     "  - lr 2e-3 (paper 5e-4)": ("moe", "project", {}, {"lr": 5e-4}),
     "  - centring": ("moe", "project", {"center": False}, {}),

@@ -7,7 +7,7 @@ training-batch explained variance against tokens seen for each (from train_log.j
 curves cross shows when the flat SAE does better.
 
     .venv/bin/python bench/bench_real.py [--tokens 150000] [--steps 1000] [--width 1024] [--children 16]
-        [--subspace 4] [--k 32] [--batch 1024] [--eval-tokens 10000] [--moe-arch '{"merge_cos": 1.0}'] ...
+        [--subspace S] [--k 32] [--batch 1024] [--eval-tokens 10000] [--moe-arch '{"merge_cos": 1.0}'] ...
 
 Each `--moe-arch JSON` adds a MoE variant with those ArchConfig fields overridden (an ablation row). Runs
 live in the data folder under runs/bench-real-*; a run whose cfg.json matches is reused, not retrained. One
@@ -79,7 +79,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1024)
     parser.add_argument("--width", type=int, default=1024)
     parser.add_argument("--children", type=int, default=16)
-    parser.add_argument("--subspace", type=int, default=4)
+    parser.add_argument("--subspace", type=int, default=None, help="default: the preset's")
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-tokens", type=int, default=10_000)
@@ -90,8 +90,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    moe = {"arch": "moe", "width": args.width, "k": args.k, "children": args.children,
-           "subspace": args.subspace}
+    moe = {"arch": "moe", "width": args.width, "k": args.k, "children": args.children}
+    if args.subspace is not None:
+        moe["subspace"] = args.subspace
     rows = [("topk", {"arch": "topk", "width": args.width * args.children, "k": args.k}), ("moe", moe)]
     for i, extra in enumerate(args.moe_arch):
         rows.append((f"moe-{i + 1}", {**moe, **json.loads(extra)}))

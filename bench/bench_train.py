@@ -1,6 +1,7 @@
 """Training speed of the MoE H-SAE against a flat TopK SAE with the same number of latents, in one process.
 
-Sizes (`--size`): `demo` (default) moe 1024 parents × 16 children (subspace 4) against topk 16,384, d=576;
+Sizes (`--size`): `demo` (default) moe 1024 parents × 16 children (subspace 8, the
+default for 16 children) against topk 16,384, d=576;
 `16k_16` moe 16,384 × 16 (s=4, the paper's) and `4k_64` moe 4096 × 64 (s=8), both against topk 262,144
 at d=2304 (synthetic rows, or activations of that width). k=32 everywhere. Both train in lockstep on the
 same batches with the project's own `train_step` (forward, backward, decoder hooks, clip, Adam), one step of
@@ -10,7 +11,7 @@ explained variance of each on held-out rows after the same number of training to
 
     .venv/bin/python bench/bench_train.py [--activations FILE.npy] [--steps 80] [--batch 1024] [--threads 1]
         [--size demo|16k_16|4k_64] [--device cpu|cuda] [--dtype auto|float32|bfloat16]
-        [--expert-matmul auto|buckets|grouped_mm]
+        [--expert-matmul auto|buckets|grouped_mm] [--subspace S]
 
 The MoE's expert pass is one grouped GEMM without host syncs wherever torch runs one (`--expert-matmul
 auto`); `buckets` measures the fallback for comparison.
@@ -40,7 +41,7 @@ from trainer.outliers import inliers, norm_threshold
 from trainer.train import DeadLatentTracker, make_autocast, make_optimizer, peak_flops, train_step
 
 # --size: (d, moe parents, children, subspace, topk latents)
-SIZES = {"demo": (576, 1024, 16, 4, 16384), "16k_16": (2304, 16384, 16, 4, 262144),
+SIZES = {"demo": (576, 1024, 16, 8, 16384), "16k_16": (2304, 16384, 16, 4, 262144),
          "4k_64": (2304, 4096, 64, 8, 262144)}
 
 
@@ -68,9 +69,11 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="auto", help="auto: bf16 autocast on a GPU, float32 on the CPU")
     parser.add_argument("--expert-matmul", choices=["auto", "buckets", "grouped_mm"], default="auto")
+    parser.add_argument("--subspace", type=int, help="the MoE's expert subspace (default: the size's)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     d_model, parents, children, subspace, flat = SIZES[args.size]
+    subspace = args.subspace or subspace
 
     if args.activations:
         rows = np.load(args.activations, mmap_mode="r")

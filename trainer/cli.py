@@ -67,7 +67,9 @@ def train_cmd(
     width: Annotated[int | None, typer.Option(help="Flat width, or the number of parents for moe.")] = None,
     k: Annotated[int | None, typer.Option(help="Active latents per token at the top level.")] = None,
     children: Annotated[int | None, typer.Option(help="moe: children per parent.")] = None,
-    subspace: Annotated[int | None, typer.Option(help="moe: subspace dimension of each expert.")] = None,
+    subspace: Annotated[int | None, typer.Option(
+        help="moe: subspace dimension of each expert (default: children, at most 8; paper preset 4)."
+    )] = None,
     levels: Annotated[
         str | None, typer.Option(help="tree: widths top to bottom, e.g. 512,1024,2048.")
     ] = None,

@@ -62,11 +62,12 @@ class HierarchySpec:
 
     def model_sizes(self) -> dict[str, dict]:
         """The sizes a user would give: 4/3 of the true parents (rounded up to 8), room for the most children
-        a parent has, k = the most parent events in a row, and 4× as many children for the tree."""
+        a parent has, k = the most parent events in a row, and 4× as many children for the tree. The MoE's
+        expert subspace is left to the preset (`config.subspace_for`)."""
         parents = -(-self.n_parents * 4 // 3 // 8) * 8
         k = self.active[1]
         return {
-            "moe": {"arch": "moe", "width": parents, "k": k, "children": self.children[1], "subspace": 4},
+            "moe": {"arch": "moe", "width": parents, "k": k, "children": self.children[1]},
             "tree": {"arch": "tree", "levels": [parents, parents * self.children[1]], "k": k},
         }
 

@@ -43,6 +43,18 @@ def test_subspace_is_checked_against_d_in():
         cfg.validate_for(8)
 
 
+@pytest.mark.parametrize(
+    "preset, children, subspace", [("project", 4, 4), ("project", 6, 6), ("project", 16, 8), ("paper", 16, 4),
+                                   ("paper", 64, 8)],
+)
+def test_the_moe_subspace_defaults_to_the_children_up_to_8_or_to_the_papers(preset, children, subspace):
+    arch = RunConfig.compose({"arch": "moe", "children": children}, preset=preset).arch
+    assert arch.subspace == subspace
+    given = RunConfig.compose({"arch": "moe", "children": children, "subspace": 3}, preset=preset).arch
+    assert given.subspace == 3
+    assert RunConfig.from_dict({"arch": arch.to_dict()}).arch.subspace == subspace  # cfg.json records it
+
+
 def test_defaults_are_resolved_per_architecture():
     assert (ArchConfig(arch="moe").width, ArchConfig(arch="moe").k) == (1024, 32)
     assert ArchConfig(arch="topk").width == 4096

@@ -10,10 +10,10 @@ of the 3 seeds measured for each generator (see bench/bench_family.py for the ab
   moe          parents          children         edge precision    (seeds 0 / 1 / 2, this 2-core CPU)
   centred      1.00 1.00 1.00   0.97 1.00 1.00   1.00 1.00 1.00
   leaning      0.96 1.00 1.00   0.95 1.00 1.00   1.00 1.00 1.00
-  uneven       1.00 1.00 0.96   0.96 0.92 0.88   1.00 0.99 0.97
+  uneven       0.96 0.96 1.00   0.99 0.96 0.96   0.97 0.95 1.00
   raw-scale    1.00 1.00 1.00   1.00 1.00 1.00   1.00 1.00 1.00
-  orthogonal   1.00 1.00 1.00   0.99 1.00 0.99   0.99 1.00 0.97
-  close        1.00 1.00 1.00   0.97 0.96 0.97   1.00 1.00 1.00
+  orthogonal   1.00 1.00 1.00   1.00 0.96 0.97   0.99 1.00 1.00
+  close        1.00 1.00 1.00   1.00 1.00 0.99   1.00 1.00 1.00
   tree
   centred      1.00 1.00 1.00   0.98 1.00 0.98   0.98 1.00 0.90
   leaning      0.96 1.00 1.00   0.96 1.00 1.00   0.99 0.99 1.00
@@ -102,11 +102,15 @@ And the tree re-seeds its dead top latents at each child round (`reseed_dead_par
 children moved by up to 0.03 (`close` 1.00 / 1.00 / 1.00 -> 0.97 / 1.00 / 0.97, `leaning` seed 0 0.97 ->
 0.96).
 
-The issue's goal (>= 0.9 children, >= 0.95 parents, edge precision >= 0.9 on every generator) is met by the
-tree on every generator at these seeds, and by the MoE on every one but `uneven`: seed 2 found 0.88 of the
-children here, seeds 3-5 0.85-0.91 (parents of 7-8 nearly orthogonal children in a 4-dimensional subspace),
-so its children floor stays at 0.85, under the goal. The budget is 1500 steps so that CI stays near 15
-minutes.
+Then the MoE's expert subspace is left to the preset (`model_sizes` gave 4): as many dimensions as the
+children, at most 8 (`config.subspace_for`), since a parent's children all lie in its s dimensions and 7-8
+nearly orthogonal children do not fit in 4. `uneven` (8 children) 0.96 / 0.92 / 0.88 -> 0.99 / 0.96 / 0.96,
+`close` (6) 0.97 / 0.96 / 0.97 -> 1.00 / 1.00 / 0.99, `orthogonal` (6) 0.99 / 1.00 / 0.99 -> 1.00 / 0.96 /
+0.97, `raw-scale` (5) the same; `uneven`'s parents 1.00 / 1.00 / 0.96 -> 0.96 / 0.96 / 1.00. The MoE's
+`uneven` children floor went from 0.85 to the goal's 0.9.
+
+The issue's goal (>= 0.9 children, >= 0.95 parents, edge precision >= 0.9 on every generator) is met by both
+architectures on every generator at these seeds. The budget is 1500 steps so that CI stays near 15 minutes.
 """
 
 from __future__ import annotations
@@ -124,7 +128,7 @@ SEEDS = (0, 1, 2)
 FLOORS = {
     ("moe", "centred"): (0.95, 0.95, 0.95),
     ("moe", "leaning"): (0.95, 0.9, 0.95),
-    ("moe", "uneven"): (0.95, 0.85, 0.9),
+    ("moe", "uneven"): (0.95, 0.9, 0.9),
     ("moe", "raw-scale"): (0.95, 0.95, 0.95),
     ("moe", "orthogonal"): (0.95, 0.95, 0.95),
     ("moe", "close"): (0.95, 0.9, 0.95),
