@@ -52,6 +52,7 @@ VARIANTS: dict[str, tuple[str, str, dict, dict]] = {
     "  - split children merged": ("moe", "project", {"child_separation": 0.0}, {}),
     "  - polish round": ("moe", "project", {"polish_at": []}, {}),
     "  - dead parents re-seeded": ("moe", "project", {"reseed_dead_parents": False}, {}),
+    "  - mixed parents split": ("moe", "project", {"split_mixed_parents": False}, {}),
     "  - fragments below chance merged": ("moe", "project", {"merge_lift": 0.0}, {}),
     "  - polish-round merges of top fragments": ("moe", "project", {"late_merge_cos": 1.0}, {}),
     "  + late round, all experts, blind P↓, split children merged": ("moe", "project", CLUSTERED, {}),

@@ -8,12 +8,12 @@ one single-threaded process per core (about 5 minutes on two cores). The floors 
 of the 3 seeds measured for each generator (see bench/bench_family.py for the ablation and the paper preset):
 
   moe          parents          children         edge precision    (seeds 0 / 1 / 2, this 2-core CPU)
-  centred      1.00 1.00 1.00   0.97 1.00 1.00   1.00 1.00 1.00
-  leaning      0.96 1.00 1.00   0.95 1.00 1.00   1.00 1.00 1.00
-  uneven       0.96 0.96 1.00   0.99 0.96 0.96   0.97 0.95 1.00
+  centred      1.00 1.00 1.00   1.00 1.00 1.00   1.00 1.00 1.00
+  leaning      0.96 1.00 1.00   0.94 1.00 1.00   0.99 1.00 1.00
+  uneven       1.00 1.00 1.00   0.98 1.00 0.96   1.00 1.00 1.00
   raw-scale    1.00 1.00 1.00   1.00 1.00 1.00   1.00 1.00 1.00
   orthogonal   1.00 1.00 1.00   1.00 0.96 0.97   0.99 1.00 1.00
-  close        1.00 1.00 1.00   1.00 1.00 0.99   1.00 1.00 1.00
+  close        1.00 1.00 1.00   0.98 0.95 0.99   1.00 1.00 1.00
   tree
   centred      1.00 1.00 1.00   0.98 1.00 0.98   0.98 1.00 0.90
   leaning      0.96 1.00 1.00   0.96 1.00 1.00   0.99 0.99 1.00
@@ -107,7 +107,11 @@ children, at most 8 (`config.subspace_for`), since a parent's children all lie i
 nearly orthogonal children do not fit in 4. `uneven` (8 children) 0.96 / 0.92 / 0.88 -> 0.99 / 0.96 / 0.96,
 `close` (6) 0.97 / 0.96 / 0.97 -> 1.00 / 1.00 / 0.99, `orthogonal` (6) 0.99 / 1.00 / 0.99 -> 1.00 / 0.96 /
 0.97, `raw-scale` (5) the same; `uneven`'s parents 1.00 / 1.00 / 0.96 -> 0.96 / 0.96 / 1.00. The MoE's
-`uneven` children floor went from 0.85 to the goal's 0.9.
+`uneven` children floor went from 0.85 to the goal's 0.9. And a live top latent that holds two parents
+gives its smaller half to a spare latent at the rounds that re-seed dead ones (`split_mixed_parents`): the
+table above; `uneven` parents 0.96 / 0.96 / 1.00 -> 1.00 everywhere and children 0.99 / 0.96 / 0.96 -> 0.98 /
+1.00 / 0.96, `centred` 0.97 -> 1.00 (seed 0), `close` 1.00 / 1.00 / 0.99 -> 0.98 / 0.95 / 0.99, `leaning`
+seed 0 0.95 -> 0.94.
 
 The issue's goal (>= 0.9 children, >= 0.95 parents, edge precision >= 0.9 on every generator) is met by both
 architectures on every generator at these seeds. The budget is 1500 steps so that CI stays near 15 minutes.

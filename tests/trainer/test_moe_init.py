@@ -26,6 +26,7 @@ from trainer.models.base import (
 from trainer.models.moe import (
     fold_dense_parents,
     init_experts,
+    mixed_parents,
     refit_parent_decoders,
     reseed_dead_parents,
     revive_children,
@@ -405,9 +406,12 @@ def test_a_dead_parent_is_reseeded_where_the_live_one_covers_two_true_parents():
     """Rows carry one of two orthogonal parents u1, u2; latent 0 sits between them and takes every row,
     latent 1 points away from all of them and never fires. Re-seeded on the residual of a badly
     reconstructed row (u1 or u2 less its part along latent 0: the direction u1 - u2 or its opposite), it
-    fires on one true parent's rows; a second call finds nothing dead."""
+    fires on one true parent's rows; a second call finds nothing dead. (Without `split_mixed_parents`,
+    which would split latent 0 instead: the next test.)"""
     basis, which_N, x_ND, between_D = two_parents_one_direction()
-    config = ArchConfig(arch="moe", width=2, k=1, center=False, children=2, subspace=2)
+    config = ArchConfig(
+        arch="moe", width=2, k=1, center=False, children=2, subspace=2, split_mixed_parents=False
+    )
     model = build_model(config, 16, seed=0)
     with torch.no_grad():
         model.W_dec_FD.copy_(torch.stack([between_D, -between_D]))
@@ -421,6 +425,50 @@ def test_a_dead_parent_is_reseeded_where_the_live_one_covers_two_true_parents():
     assert fires_N.float().mean() > 0.2
     assert len(which_N[fires_N].unique()) == 1  # one true parent's rows
     assert reseed_dead_parents(model, x_n) == []
+
+
+def _one_parent_two_children() -> torch.Tensor:
+    """2,000 rows of one parent u (basis row 0) at a magnitude in [0.5, 1.5] and one of its two children,
+    orthogonal to it and to each other (basis rows 1 and 2), each as strong as the parent (the `orthogonal`
+    generator's children), plus a little noise."""
+    g = torch.Generator().manual_seed(1)
+    basis = torch.linalg.qr(torch.randn(16, 16, generator=g)).Q.T
+    child_N = 1 + torch.randint(2, (2000,), generator=g)
+    a_N1, b_N1 = 0.5 + torch.rand(2000, 1, generator=g), 0.5 + torch.rand(2000, 1, generator=g)
+    return a_N1 * basis[0] + b_N1 * basis[child_N] + 0.01 * torch.randn(2000, 16, generator=g)
+
+
+def test_a_live_latent_holding_two_parents_is_split_with_a_dead_one_and_a_parent_of_two_children_is_not():
+    """`mixed_parents`: latent 0 sits between two orthogonal parents and fires on every row; the two halves
+    of what it explains are the parents, nearly orthogonal, so `reseed_dead_parents` gives the dead latent 1
+    one parent's direction and latent 0 the other's: each then fires on one true parent's rows. A latent on
+    one parent whose two children are as strong as it (halves at cosine about 0.5) is left whole, and the
+    dead latent goes to a badly reconstructed row's residual instead."""
+    basis, which_N, x_ND, between_D = two_parents_one_direction()
+    config = ArchConfig(arch="moe", width=2, k=1, center=False, children=2, subspace=2)
+    model = build_model(config, 16, seed=0)
+    with torch.no_grad():
+        model.W_dec_FD.copy_(torch.stack([between_D, -between_D]))
+        model.W_enc_DF.copy_(torch.stack([between_D, -between_D]).T)
+    x_n = model.normalize(x_ND)[0]
+    assert [j for j, _, _ in mixed_parents(model, x_n, *model._codes(x_n)[:2], torch.Generator())] == [0]
+    assert sorted(reseed_dead_parents(model, x_n)) == [0, 1]
+    cos_FT = unit_rows(model.W_dec_FD.detach()) @ basis[:2].T
+    assert sorted(cos_FT.argmax(-1).tolist()) == [0, 1] and float(cos_FT.max(-1).values.min()) > 0.95
+    top_N = model.encode(x_ND)[0].indices[:, 0]
+    for latent in (0, 1):
+        assert len(which_N[top_N == latent].unique()) == 1 and (top_N == latent).float().mean() > 0.3
+
+    x_ND = _one_parent_two_children()
+    u_D = unit_rows(x_ND.mean(0))
+    model = build_model(config, 16, seed=0)
+    with torch.no_grad():
+        model.W_dec_FD.copy_(torch.stack([u_D, -u_D]))
+        model.W_enc_DF.copy_(torch.stack([u_D, -u_D]).T)
+    x_n = model.normalize(x_ND)[0]
+    assert mixed_parents(model, x_n, *model._codes(x_n)[:2], torch.Generator()) == []
+    assert reseed_dead_parents(model, x_n) == [1]
+    assert float(unit_rows(model.W_dec_FD.detach()[0]) @ u_D) > 0.999  # latent 0 kept
 
 
 def test_a_dead_parent_is_reseeded_at_once_at_a_round_not_after_the_experts_take_up_the_mixture():
