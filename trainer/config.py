@@ -233,7 +233,7 @@ class ArchConfig:
     (`moe.mixed_parents`: the two halves of what a latent and its child explain nearly orthogonal) take
     them first: the latent keeps its larger half's direction, a spare latent (dead, or on under 0.1% of the
     sample's tokens) takes the smaller's. Over 13 synthetic generators x 3 seeds and 8 x 3 more (README,
-    "Mixed parents split"): mean children 0.978 -> 0.985, parents under 0.95 in 2 -> 1 of 63 runs; SmolLM2
+    "Mixed parents split"): mean children 0.978 -> 0.984, parents under 0.95 in 2 -> 1 of 63 runs; SmolLM2
     unchanged (no spare parents at its rounds). False = dead latents only go to badly reconstructed tokens
     (the paper: never)."""
 
