@@ -279,6 +279,31 @@ def mixed_parents(
 
 
 @torch.no_grad()
+def split_mixed_parents(model: MoEHSAE, x_BD: Tensor, codes: list[LevelCode], kept: LevelCode) -> list[int]:
+    """Each latent that holds two parents (`mixed_parents`, most apart first) paired with a spare one (fires
+    on fewer than `RARE_SHARE` of the sample's tokens, the dead first): it keeps its larger half's direction
+    at its own encoder norm, the spare latent takes the smaller's at the level's mean encoder norm. Returns
+    the latents re-seeded, both of each pair (`reseed_dead_parents` says why)."""
+    on = codes[0].indices >= 0
+    counts_F = torch.bincount(codes[0].indices[on], minlength=model.n_parents)
+    spare = torch.nonzero(counts_F < max(PROMOTED_MIN_ROWS, RARE_SHARE * len(x_BD))).squeeze(1)
+    spare = spare[torch.argsort(counts_F[spare], stable=True)].tolist()  # the dead first
+    if not spare:
+        return []
+    generator = torch.Generator(device=x_BD.device).manual_seed(len(x_BD) + 11)
+    gain = model.W_enc_DF.norm(dim=0).mean()
+    mixed = mixed_parents(model, x_BD, codes, kept, generator)
+    # in a large sample a latent can be both rare and (on its few rows) mixed: it is not a spare then
+    spare = [latent for latent in spare if latent not in {j for j, _, _ in mixed}]
+    split = []
+    for (j, big_D, small_D), free in zip(mixed, spare):
+        reseed_latent(model.W_enc_DF, model.W_dec_FD, j, big_D, model.W_enc_DF[:, j].norm())
+        reseed_latent(model.W_enc_DF, model.W_dec_FD, free, small_D, gain)
+        split += [j, free]
+    return split
+
+
+@torch.no_grad()
 def reseed_dead_parents(model: MoEHSAE, x_BD: Tensor) -> list[int]:
     """Re-seeds the top-level latents that fire on none of the sample's tokens on the residuals of badly
     reconstructed tokens (`_seed_residuals`), as dead latents are resampled; returns them (their experts are
@@ -286,33 +311,18 @@ def reseed_dead_parents(model: MoEHSAE, x_BD: Tensor) -> list[int]:
     synthetic `close` generator (seed 2) 9 of 24 top latents were dead at the end and one latent held two
     true parents (IoU 0.70 with one, 0.32 with the other).
 
-    With `split_mixed_parents`, latents that hold two parents (`mixed_parents`) first take the spare ones,
-    dead or on fewer than 0.1% of the sample's tokens: each keeps its larger half's direction, a spare
-    latent takes the smaller's (both returned). The residual misses such a pair once the latent's expert
-    has learnt the second parent as children: on `uneven` seed 3 (subspace 8) six latents fired on under
-    0.1% of the tokens, none on none, and two true parents shared a latent to the end (parents 0.92 ->
-    1.00 with the split). Over 13 generators x 3 seeds and 8 x 3 more (README) mean children 0.978 ->
+    With `cfg.split_mixed_parents`, latents that hold two parents first take the spare ones, dead or on
+    fewer than 0.1% of the sample's tokens (`split_mixed_parents`): each keeps its larger half's direction,
+    a spare latent takes the smaller's (both returned). The residual misses such a pair once the latent's
+    expert has learnt the second parent as children: on `uneven` seed 3 (subspace 8) six latents fired on
+    under 0.1% of the tokens, none on none, and two true parents shared a latent to the end (parents 0.92
+    -> 1.00 with the split). Over 13 generators x 3 seeds and 8 x 3 more (README) mean children 0.978 ->
     0.984; SmolLM2 has no spare parents at its rounds (the same run)."""
     codes, kept, _, _ = model._codes(x_BD)
     dead = silent_latents(codes[0].indices, model.n_parents)
-    split = []
-    if model.cfg.split_mixed_parents:
-        on = codes[0].indices >= 0
-        counts_F = torch.bincount(codes[0].indices[on], minlength=model.n_parents)
-        spare = torch.nonzero(counts_F < max(PROMOTED_MIN_ROWS, RARE_SHARE * len(x_BD))).squeeze(1)
-        spare = spare[torch.argsort(counts_F[spare], stable=True)].tolist()  # the dead first
-    if model.cfg.split_mixed_parents and spare:
-        generator = torch.Generator(device=x_BD.device).manual_seed(len(x_BD) + 11)
-        gain = model.W_enc_DF.norm(dim=0).mean()
-        mixed = mixed_parents(model, x_BD, codes, kept, generator)
-        # in a large sample a latent can be both rare and (on its few rows) mixed: it is not a spare then
-        spare = [latent for latent in spare if latent not in {j for j, _, _ in mixed}]
-        for (j, big_D, small_D), free in zip(mixed, spare):
-            reseed_latent(model.W_enc_DF, model.W_dec_FD, j, big_D, model.W_enc_DF[:, j].norm())
-            reseed_latent(model.W_enc_DF, model.W_dec_FD, free, small_D, gain)
-            split += [j, free]
-        if split:
-            codes, kept, _, _ = model._codes(x_BD)
+    split = split_mixed_parents(model, x_BD, codes, kept) if model.cfg.split_mixed_parents else []
+    if split:
+        codes, kept, _, _ = model._codes(x_BD)
     rest = [latent for latent in dead if latent not in split]
     if rest:
         _reseed_parents(model, x_BD, codes, kept, rest, salt=5)
